@@ -1,0 +1,573 @@
+"""One YAML file -> typed, validated run configuration.
+
+Every stage owns a ``@dataclass(kw_only=True)`` section. ``load_config`` parses YAML,
+applies ``--set key.path=value`` overrides, rejects unknown keys and wrong types, and
+validates values, always raising :class:`ConfigError` with the offending key path
+(``recover.alpha: must be in [0, 1], got 1.5``) before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "TeacherConfig",
+    "SqueezeConfig",
+    "SelectConfig",
+    "RecoverConfig",
+    "RelabelConfig",
+    "StudentConfig",
+    "ExecutionConfig",
+    "RunConfig",
+    "METHODS",
+    "MethodSpec",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "list_presets",
+    "preset_path",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the key path."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How a method uses the shared recover machinery (baselines are settings, not forks)."""
+
+    init: str  # "random-real" | "patches" | "noise"
+    optimize: bool  # run pixel optimisation at all
+    residual: bool  # ARC at stage boundaries
+    multi_resolution: bool  # use recover.resolutions / stage_iterations as given
+    mixed_precision: bool  # autocast (bf16 on CPU, fp16 + GradScaler on CUDA)
+    multi_teacher: bool  # round-robin over all recover teachers (FADRM+)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "random-real": MethodSpec("random-real", False, False, False, False, False),
+    "rded": MethodSpec("patches", False, False, False, False, False),
+    "sre2l": MethodSpec("noise", True, False, False, False, False),
+    "fadrm": MethodSpec("patches", True, True, True, True, False),
+    "fadrm+": MethodSpec("patches", True, True, True, True, True),
+}
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Real data: where it is, how it is decoded and normalised."""
+
+    kind: str = "imagefolder"
+    """'imagefolder' (class-per-folder JPEG/PNG tree) or 'idx' (MNIST-style IDX files)."""
+    root: str = ""
+    """ImageFolder root, or the directory holding the IDX files (.gz or raw)."""
+    val_root: str | None = None
+    """Optional separate validation ImageFolder. IDX data uses its t10k files."""
+    val_per_class: int = 0
+    """When there is no validation split: hold out this many training images per class."""
+    resolution: int = 32
+    """Side length in pixels that images are resized to."""
+    channels: int = 3
+    """1 (grayscale) or 3 (RGB); images are converted on load."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    max_train_per_class: int | None = None
+    """Use at most this many training images per class (small tests, quick runs)."""
+    max_val: int | None = None
+    """Evaluate on at most this many validation images (deterministic subset)."""
+    split_seed: int = 0
+    """Seed of the train/validation hold-out split and of subsetting."""
+
+    def validate(self, p: str) -> None:
+        if self.kind not in ("imagefolder", "idx"):
+            raise ConfigError(f"{p}.kind", f"must be 'imagefolder' or 'idx', got {self.kind!r}")
+        if not self.root:
+            raise ConfigError(f"{p}.root", "is required (path to the training data)")
+        _positive(self.resolution, f"{p}.resolution")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"{p}.channels", f"must be 1 or 3, got {self.channels}")
+        for name in ("mean", "std"):
+            vals = getattr(self, name)
+            if len(vals) != self.channels:
+                raise ConfigError(
+                    f"{p}.{name}",
+                    f"needs {self.channels} values (one per channel), got {len(vals)}",
+                )
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"{p}.std", "values must be > 0")
+        if self.val_per_class < 0:
+            raise ConfigError(f"{p}.val_per_class", "must be >= 0")
+        if self.max_train_per_class is not None:
+            _positive(self.max_train_per_class, f"{p}.max_train_per_class")
+        if self.max_val is not None:
+            _positive(self.max_val, f"{p}.max_val")
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    """One teacher network."""
+
+    model: str = "resnet18"
+    """torchvision or timm model name, or a built-in name such as 'convnet'."""
+    weights: str | None = None
+    """Path (or s3:// URI) of a state_dict; None -> trained by the squeeze stage."""
+    pretrained: bool = False
+    """Load the library's named pretrained weights (needs network access to the hub)."""
+    small_stem: bool | None = None
+    """3x3 stride-1 stem without max-pool; None -> automatic for inputs <= 64 px."""
+    ensemble_weight: float = 0.0
+    """Relabel ensemble weight w: logits are averaged with softmax(w / 10)."""
+    recover: bool = True
+    """Use this teacher in recover (FADRM+ uses all such teachers round-robin)."""
+    relabel: bool = True
+    """Use this teacher in relabel's ensemble."""
+
+    def validate(self, p: str) -> None:
+        if not self.model:
+            raise ConfigError(f"{p}.model", "is required")
+        if self.weights and self.pretrained:
+            raise ConfigError(f"{p}.pretrained", "cannot be combined with weights")
+
+
+@dataclass(kw_only=True)
+class SqueezeConfig:
+    """Teacher training on the real data (only for teachers without weights)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    mixed_precision: bool = True
+
+    def validate(self, p: str) -> None:
+        _positive(self.epochs, f"{p}.epochs")
+        _positive(self.batch_size, f"{p}.batch_size")
+        _positive(self.lr, f"{p}.lr")
+        _unit_interval(self.label_smoothing, f"{p}.label_smoothing")
+
+
+@dataclass(kw_only=True)
+class SelectConfig:
+    """Realism-scored patch selection (initial images P)."""
+
+    num_candidates: int = 300
+    """m: random real images drawn per class."""
+    num_crops: int = 5
+    """c: square patches cropped from each candidate image."""
+    factor: int = 1
+    """Patches per side stitched into one image (1 or 2)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range of the candidate patches."""
+    batch_size: int = 256
+    teacher: int = 0
+    """Index into `teachers` of the observer that scores realism."""
+
+    def validate(self, p: str) -> None:
+        _positive(self.num_candidates, f"{p}.num_candidates")
+        _positive(self.num_crops, f"{p}.num_crops")
+        if self.factor not in (1, 2):
+            raise ConfigError(f"{p}.factor", f"must be 1 or 2, got {self.factor}")
+        _scale_range(self.crop_scale, f"{p}.crop_scale")
+        _positive(self.batch_size, f"{p}.batch_size")
+
+
+@dataclass(kw_only=True)
+class RecoverConfig:
+    """Data residual matching (pixel optimisation)."""
+
+    method: str = "fadrm"
+    """One of: random-real, rded, sre2l, fadrm, fadrm+."""
+    resolutions: list[int] = field(default_factory=lambda: [32, 32, 32, 32])
+    """MRO: resolution of each stage (k+1 stages)."""
+    stage_iterations: list[int] = field(default_factory=lambda: [500, 500, 500, 500])
+    """MRO: iterations of each stage; one cosine schedule spans their sum."""
+    lr: float = 0.25
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    r_bn: float = 0.01
+    """Weight of the BN-statistics loss."""
+    first_bn_multiplier: float = 10.0
+    """m_1: extra weight of the first BatchNorm layer's statistics."""
+    alpha: float = 0.5
+    """ARC: x <- alpha * x + (1 - alpha) * resample(P) at inner stage boundaries."""
+    jitter: int = 4
+    """Maximum cyclic shift in pixels."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    flip: bool = True
+    class_block_size: int = 0
+    """Classes per work unit / batch (one image per class); 0 -> all classes."""
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    @property
+    def total_iterations(self) -> int:
+        return sum(self.stage_iterations)
+
+    def validate(self, p: str) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(
+                f"{p}.method", f"unknown method {self.method!r}; choose from {sorted(METHODS)}"
+            )
+        if len(self.resolutions) != len(self.stage_iterations):
+            raise ConfigError(
+                f"{p}.stage_iterations",
+                f"has {len(self.stage_iterations)} entries but {p}.resolutions has "
+                f"{len(self.resolutions)}; MRO needs one budget per resolution",
+            )
+        if not self.resolutions:
+            raise ConfigError(f"{p}.resolutions", "needs at least one stage")
+        for i, r in enumerate(self.resolutions):
+            _positive(r, f"{p}.resolutions[{i}]")
+        for i, n in enumerate(self.stage_iterations):
+            if n < 0:
+                raise ConfigError(f"{p}.stage_iterations[{i}]", f"must be >= 0, got {n}")
+        _positive(self.lr, f"{p}.lr")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{p}.betas", f"must be two values in [0, 1), got {self.betas}")
+        if self.r_bn < 0:
+            raise ConfigError(f"{p}.r_bn", "must be >= 0")
+        _unit_interval(self.alpha, f"{p}.alpha")
+        if self.jitter < 0:
+            raise ConfigError(f"{p}.jitter", "must be >= 0")
+        _scale_range(self.crop_scale, f"{p}.crop_scale")
+        if self.class_block_size < 0:
+            raise ConfigError(f"{p}.class_block_size", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class RelabelConfig:
+    """FKD-style soft labels: per-epoch views + teacher-ensemble logits."""
+
+    epochs: int = 300
+    """E: one set of views per student epoch."""
+    batch_size: int = 100
+    """Images per view batch (CutMix mixes within a batch); the student uses the same."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    flip: bool = True
+    cutmix: bool = True
+    cutmix_beta: float = 1.0
+    teacher_bn_mode: str = "train"
+    """'train' (batch statistics, as the reference) or 'eval' (running statistics)."""
+    top_k: int = 0
+    """Store only the k largest logits (plus the mean of the rest); 0 -> all logits."""
+    epochs_per_shard: int = 50
+    """Work unit size: epochs per soft-label shard."""
+
+    def validate(self, p: str) -> None:
+        _positive(self.epochs, f"{p}.epochs")
+        _positive(self.batch_size, f"{p}.batch_size")
+        _scale_range(self.crop_scale, f"{p}.crop_scale")
+        _positive(self.cutmix_beta, f"{p}.cutmix_beta")
+        if self.teacher_bn_mode not in ("train", "eval"):
+            raise ConfigError(f"{p}.teacher_bn_mode", "must be 'train' or 'eval'")
+        if self.top_k < 0:
+            raise ConfigError(f"{p}.top_k", "must be >= 0 (0 keeps all logits)")
+        _positive(self.epochs_per_shard, f"{p}.epochs_per_shard")
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    """Student trained only on the distilled images and their stored soft labels."""
+
+    model: str = "resnet18"
+    small_stem: bool | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 20.0
+    eta: float = 2.0
+    """Cosine schedule 0.5 * (1 + cos(pi * epoch / (epochs * eta)))."""
+    accumulation_steps: int = 2
+    eval_every: int = 0
+    """Evaluate every N epochs (0 -> only at the end); the best epoch is reported too."""
+    eval_batch_size: int = 512
+    mixed_precision: bool = True
+
+    def validate(self, p: str) -> None:
+        _positive(self.lr, f"{p}.lr")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{p}.weight_decay", "must be >= 0")
+        _positive(self.temperature, f"{p}.temperature")
+        _positive(self.eta, f"{p}.eta")
+        _positive(self.accumulation_steps, f"{p}.accumulation_steps")
+        if self.eval_every < 0:
+            raise ConfigError(f"{p}.eval_every", "must be >= 0")
+        _positive(self.eval_batch_size, f"{p}.eval_batch_size")
+
+
+@dataclass(kw_only=True)
+class ExecutionConfig:
+    """Where and how the stages run."""
+
+    address: str | None = None
+    """Ray address; None -> start an embedded local Ray instance."""
+    min_workers: int = 1
+    max_workers: int = 2
+    """Ray Train worker range (elastic): ScalingConfig(num_workers=(min, max))."""
+    use_gpu: bool | None = None
+    """None -> use GPUs when the cluster has them."""
+    threads_per_worker: int = 1
+    """torch intra-op threads (and CPUs reserved) per worker."""
+    max_failures: int = 3
+    """Ray Train FailureConfig(max_failures=...)."""
+    device: str = "auto"
+    """'auto', 'cpu' or 'cuda' for in-process work."""
+
+    def validate(self, p: str) -> None:
+        _positive(self.min_workers, f"{p}.min_workers")
+        if self.max_workers < self.min_workers:
+            raise ConfigError(
+                f"{p}.max_workers",
+                f"must be >= min_workers ({self.min_workers}), got {self.max_workers}",
+            )
+        _positive(self.threads_per_worker, f"{p}.threads_per_worker")
+        if self.max_failures < -1:
+            raise ConfigError(f"{p}.max_failures", "must be >= -1 (-1 = retry forever)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{p}.device", "must be 'auto', 'cpu' or 'cuda'")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole distillation run."""
+
+    name: str = "run"
+    """Run name: the run's report lives under <output>/runs/<name>/."""
+    output: str = "runs/out"
+    """Output root (local path; s3:// arrives with cluster execution)."""
+    seed: int = 0
+    ipc: int = 10
+    """Distilled images per class."""
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: list[TeacherConfig] = field(default_factory=lambda: [TeacherConfig()])
+    squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    relabel: RelabelConfig = field(default_factory=RelabelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError("name", f"must be a non-empty name without '/', got {self.name!r}")
+        if not self.output:
+            raise ConfigError("output", "is required")
+        _positive(self.ipc, "ipc")
+        self.data.validate("data")
+        if not self.teachers:
+            raise ConfigError("teachers", "needs at least one teacher")
+        for i, t in enumerate(self.teachers):
+            t.validate(f"teachers[{i}]")
+        if not any(t.recover for t in self.teachers):
+            raise ConfigError("teachers", "at least one teacher needs recover: true")
+        if not any(t.relabel for t in self.teachers):
+            raise ConfigError("teachers", "at least one teacher needs relabel: true")
+        self.squeeze.validate("squeeze")
+        self.select.validate("select")
+        if self.select.teacher >= len(self.teachers) or self.select.teacher < 0:
+            raise ConfigError(
+                "select.teacher", f"index {self.select.teacher} but there are "
+                f"{len(self.teachers)} teachers",
+            )
+        self.recover.validate("recover")
+        self.relabel.validate("relabel")
+        self.student.validate("student")
+        self.execution.validate("execution")
+
+    @property
+    def recover_teachers(self) -> list[int]:
+        """Indices of the teachers recover uses (only the first unless FADRM+)."""
+        idx = [i for i, t in enumerate(self.teachers) if t.recover]
+        return idx if self.recover.spec.multi_teacher else idx[:1]
+
+    @property
+    def relabel_teachers(self) -> list[int]:
+        return [i for i, t in enumerate(self.teachers) if t.relabel]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _positive(value: float, path: str) -> None:
+    if not value > 0:
+        raise ConfigError(path, f"must be > 0, got {value}")
+
+
+def _unit_interval(value: float, path: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(path, f"must be in [0, 1], got {value}")
+
+
+def _scale_range(value: list[float], path: str) -> None:
+    if len(value) != 2 or not 0 < value[0] <= value[1] <= 1:
+        raise ConfigError(path, f"must be [low, high] with 0 < low <= high <= 1, got {value}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp``; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(path, "must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, path)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(path, f"must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, f"must be a string, got {value!r}")
+    raise ConfigError(path, f"unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(key_path, f"unknown key{hint}")
+        kwargs[key] = _coerce(value, hints[key], key_path)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Build and validate a RunConfig from plain data (as parsed from YAML)."""
+    if not isinstance(data, dict):
+        raise ConfigError("", f"a run config must be a mapping, got {type(data).__name__}")
+    cfg = _build(RunConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The resolved config as plain data (what is written beside the outputs)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    """Apply one override ``a.b.0.c=value`` to nested plain data."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(where, f"list index out of range (list has {len(node)} items)")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(where, "cannot set a key inside a scalar value")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like key.path=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return data
+
+
+def _with_teacher_defaults(data: dict) -> dict:
+    # Teacher entries may be plain model names for brevity: ["resnet18", "convnet"].
+    if isinstance(data.get("teachers"), list):
+        data["teachers"] = [{"model": t} if isinstance(t, str) else t for t in data["teachers"]]
+    return data
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML file (or a preset name, or a dict) and apply ``--set`` overrides."""
+    if isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.exists() and str(source) in list_presets():
+            path = preset_path(str(source))
+        if not path.exists():
+            raise ConfigError("", f"config file {str(source)!r} not found "
+                              f"(presets: {', '.join(list_presets())})")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("", f"{path}: invalid YAML: {exc}") from exc
+    data = _with_teacher_defaults(data)
+    apply_overrides(data, overrides or [])
+    return config_from_dict(_with_teacher_defaults(data))
+
+
+def list_presets() -> list[str]:
+    root = resources.files("fadrm") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("fadrm") / "presets" / f"{name}.yaml"))

@@ -1,0 +1,36 @@
+"""Top-k accuracy of a model on a labelled image set."""
+
+from __future__ import annotations
+
+import torch
+
+from fadrm.amp import autocast
+from fadrm.data import ImageSet, normalize
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    data: ImageSet,
+    mean: list[float],
+    std: list[float],
+    device: torch.device,
+    batch_size: int = 512,
+    mixed_precision: bool = True,
+) -> tuple[float, float]:
+    """(top-1, top-5) accuracy in percent; the model is put in eval mode and restored."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = 0
+    k = min(5, data.num_classes)
+    for start in range(0, len(data), batch_size):
+        x = normalize(data.images[start : start + batch_size].to(device), mean, std)
+        y = data.labels[start : start + batch_size].to(device)
+        with autocast(device, mixed_precision):
+            logits = model(x)
+        topk = logits.float().topk(k, dim=1).indices
+        correct1 += (topk[:, 0] == y).sum().item()
+        correct5 += (topk == y[:, None]).any(dim=1).sum().item()
+    model.train(was_training)
+    n = max(len(data), 1)
+    return 100.0 * correct1 / n, 100.0 * correct5 / n

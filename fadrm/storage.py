@@ -1,0 +1,135 @@
+"""URIs -> pyarrow filesystems, with atomic writes and checksums.
+
+Every output path may be a local path or ``s3://bucket/prefix``. S3 settings come from the
+standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``)
+plus ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for MinIO and other S3 APIs.
+
+Atomicity: local files are written to a temporary sibling and ``os.replace``d into place;
+an S3 object becomes visible only when its single PUT completes. Either way a reader never
+sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "is_remote",
+    "join",
+    "filesystem",
+    "read_bytes",
+    "write_bytes_atomic",
+    "exists",
+    "listdir",
+    "delete",
+    "sha256_bytes",
+    "local_path",
+]
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if is_remote(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(base, *parts))
+
+
+def _s3(uri: str) -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        return _s3(uri), uri[len("s3://"):]
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if is_remote(uri):
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path
+    return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+def local_path(uri: str) -> Path | None:
+    """The local Path of ``uri``, or None when it is remote."""
+    return None if is_remote(uri) else Path(str(uri).removeprefix("file://"))
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{uri}: file not found") from exc
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` so that ``uri`` is either absent or complete, never partial."""
+    local = local_path(uri)
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".tmp", dir=local.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, local)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    fs, path = filesystem(uri)
+    # One PUT: S3 publishes the object only once the upload has completed.
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) of the files directly under ``uri``; empty if it does not exist."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
+def delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def unique_suffix() -> str:
+    return uuid.uuid4().hex[:8]
