@@ -4,15 +4,60 @@ Images are held as ``uint8`` tensors ``[N, C, H, W]`` at the configured resoluti
 compact form; 60k Fashion-MNIST images are 47 MB). Models take normalised float input:
 ``normalize`` / ``denormalize`` convert, ``pixel_bounds`` gives the valid normalised range
 that recover clamps to.
+
+``load_data`` reads a data set by its ``kind`` (a registry of formats), local or ``s3://``:
+
+- ``idx``: MNIST-style IDX files (``train-*`` / ``t10k-*``, raw or ``.gz``); t10k is the
+  validation split.
+- ``imagefolder``: one sub-folder per class of JPEG/PNG/BMP/WebP files. Unreadable files are
+  skipped and listed in ``ImageSet.skipped``; one bad file never stops a run.
+
+Every split and subset is chosen by ranking items on a seeded hash of their name (file path
+or index), so it is deterministic and adding a file moves at most that file's neighbours.
+``data_fingerprint`` hashes what the decoded data depends on, without decoding it.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
+import logging
+import math
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow.fs as pafs
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
 
-__all__ = ["ImageSet", "normalize", "denormalize", "pixel_bounds"]
+from fadrm import storage
+from fadrm.config import DataConfig
+
+__all__ = [
+    "ImageSet",
+    "normalize",
+    "denormalize",
+    "pixel_bounds",
+    "DataError",
+    "load_data",
+    "data_fingerprint",
+    "parse_idx",
+    "resize_images",
+    "convert_channels",
+    "IMAGE_EXTENSIONS",
+    "FASHION_MNIST_CLASSES",
+]
+
+log = logging.getLogger("fadrm.data")
+
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -62,3 +107,478 @@ def pixel_bounds(mean: list[float], std: list[float]) -> tuple[torch.Tensor, tor
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return (0 - m) / s, (1 - m) / s
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+class DataError(ValueError):
+    """The data set on disk is not usable (empty class, class mismatch, malformed file)."""
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+_RESIZE_CHUNK = 4096  # images per interpolate call: bounds the float32 working memory
+
+
+def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> ``channels`` channels (gray replicated, or RGB -> luma)."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if have == 3 and channels == 1:
+        # ITU-R 601 luma, the same weights PIL uses for mode "L".
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise DataError(f"cannot convert {have}-channel images to {channels} channels")
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> [N, C, size, size]: shorter side to ``size``, centre crop.
+
+    Bilinear with antialiasing, so downscaling does not alias.
+    """
+    n, c, h, w = images.shape
+    if h == size and w == size:
+        return images
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    out = torch.empty((n, c, size, size), dtype=torch.uint8)
+    for start in range(0, n, _RESIZE_CHUNK):
+        x = images[start : start + _RESIZE_CHUNK].float()
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True,
+                          align_corners=False)
+        x = x[:, :, top : top + size, left : left + size]
+        out[start : start + _RESIZE_CHUNK] = x.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def _rank(keys: Sequence[str], seed: int) -> list[int]:
+    """Indices of ``keys`` in a seeded pseudo-random order.
+
+    Each key's position depends only on the key and the seed (not on the other keys), so a
+    split stays put when unrelated files are added or removed.
+    """
+    prefix = f"{seed}\0".encode()
+    digests = [hashlib.sha256(prefix + k.encode()).digest() for k in keys]
+    return sorted(range(len(keys)), key=digests.__getitem__)
+
+
+def _order_per_class(labels: Sequence[int], keys: Sequence[str], seed: int) -> dict[int, list[int]]:
+    """For every label, its item indices in seeded rank order."""
+    out: dict[int, list[int]] = {}
+    for i in _rank(keys, seed):
+        out.setdefault(int(labels[i]), []).append(i)
+    return out
+
+
+def _balanced_take(per_class: dict[int, list[int]], n: int) -> list[int]:
+    """``n`` items taken round-robin over the classes, so small subsets stay balanced."""
+    order = sorted(
+        ((pos, label, i) for label, idx in per_class.items() for pos, i in enumerate(idx)),
+    )
+    return sorted(i for _, _, i in order[:n])
+
+
+def _select(labels: Sequence[int], keys: Sequence[str], seed: int,
+            max_per_class: int | None, max_total: int | None) -> list[int]:
+    """Sorted indices of a deterministic subset: <= max_per_class per class, <= max_total."""
+    if max_per_class is None and max_total is None:
+        return list(range(len(labels)))
+    per_class = _order_per_class(labels, keys, seed)
+    if max_per_class is not None:
+        per_class = {c: idx[:max_per_class] for c, idx in per_class.items()}
+    total = sum(len(v) for v in per_class.values())
+    return _balanced_take(per_class, total if max_total is None else max_total)
+
+
+def _finish(data: ImageSet, cfg: DataConfig) -> ImageSet:
+    """Convert channels and resolution to what the config asks for."""
+    images = resize_images(convert_channels(data.images, cfg.channels), cfg.resolution)
+    return ImageSet(images, data.labels, data.classes, data.skipped)
+
+
+def _file_info(uri: str) -> pafs.FileInfo:
+    fs, path = storage.filesystem(uri)
+    return fs.get_file_info(path)
+
+
+_digest_lock = threading.Lock()
+_digest_cache: dict[tuple[str, int | None, int | None], str] = {}
+
+
+def _file_digest(uri: str) -> str:
+    """sha256 of a file's bytes, cached in-process by (uri, mtime, size)."""
+    info = _file_info(uri)
+    key = (uri, info.mtime_ns, info.size)
+    with _digest_lock:
+        if key in _digest_cache:
+            return _digest_cache[key]
+    digest = hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+    with _digest_lock:
+        _digest_cache[key] = digest
+    return digest
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+# sha256 of the decompressed Fashion-MNIST label files (train, t10k): recognises the data
+# set wherever it lives, whatever the directory is called and whether it is gzipped.
+_FASHION_LABEL_DIGESTS = {
+    "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+_CLASSES_FILE = "classes.txt"
+
+
+def _decompress(data: bytes, source: str) -> bytes:
+    if data[:2] != b"\x1f\x8b":  # gzip magic; anything else is taken as raw IDX
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{source}: corrupt gzip data ({exc})") from exc
+
+
+def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes (raw or gzip) into a numpy array with the file's shape and type."""
+    data = _decompress(data, source)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{source}: not an IDX file (bad magic number {data[:4]!r})")
+    code, ndim = data[2], data[3]
+    if code not in _IDX_DTYPES:
+        raise DataError(f"{source}: unknown IDX element type 0x{code:02x}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{source}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = math.prod(dims) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DataError(
+            f"{source}: IDX header says shape {tuple(dims)} ({expected} bytes) but the file "
+            f"holds {len(data) - header} bytes of data (truncated or corrupt?)"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+
+
+def _idx_uri(root: str, base: str) -> str:
+    """The stored file for ``base``: raw or ``.gz``."""
+    for name in (base, base + ".gz"):
+        uri = storage.join(root, name)
+        if storage.exists(uri):
+            return uri
+    raise FileNotFoundError(
+        f"IDX file not found: expected {storage.join(root, base)} or "
+        f"{storage.join(root, base + '.gz')}. For Fashion-MNIST run "
+        f"`apt-get install dataset-fashion-mnist` and set data.root to "
+        f"/usr/share/datasets/fashion-mnist"
+    )
+
+
+def _idx_split(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(uint8 [N, 1, H, W], int64 [N], sha256 of the decompressed label bytes)."""
+    images_base, labels_base = IDX_FILES[split]
+    images_uri, labels_uri = _idx_uri(root, images_base), _idx_uri(root, labels_base)
+    images = parse_idx(storage.read_bytes(images_uri), images_uri)
+    label_bytes = _decompress(storage.read_bytes(labels_uri), labels_uri)
+    labels = parse_idx(label_bytes, labels_uri)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{images_uri}: expected uint8 images [N, H, W], got "
+                        f"{images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{labels_uri}: expected {len(images)} labels (one per image in "
+                        f"{images_uri}), got shape {labels.shape}")
+    return (
+        torch.from_numpy(images.copy()).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        hashlib.sha256(label_bytes).hexdigest(),
+    )
+
+
+def _idx_classes(root: str, num_labels: int, label_digests: set[str]) -> list[str]:
+    """classes.txt if present, Fashion-MNIST names if recognised, else "0", "1", ..."""
+    names_uri = storage.join(root, _CLASSES_FILE)
+    if storage.exists(names_uri):
+        names = [ln.strip() for ln in storage.read_bytes(names_uri).decode().splitlines()]
+        names = [n for n in names if n]
+        if len(names) < num_labels:
+            raise DataError(f"{names_uri}: lists {len(names)} class names but the labels "
+                            f"go up to {num_labels - 1}")
+        return names
+    if label_digests & _FASHION_LABEL_DIGESTS or (
+        "fashion" in root.lower() and num_labels == len(FASHION_MNIST_CLASSES)
+    ):
+        return list(FASHION_MNIST_CLASSES)
+    return [str(i) for i in range(num_labels)]
+
+
+def _load_idx(cfg: DataConfig, progress: Progress | None) -> tuple[ImageSet, ImageSet]:
+    # IDX ships its own test split (t10k), so val_per_class does not apply here.
+    (train_x, train_y, train_digest) = _idx_split(cfg.root, "train")
+    (val_x, val_y, val_digest) = _idx_split(cfg.root, "val")
+    num_labels = max(int(y.max()) if len(y) else -1 for y in (train_y, val_y)) + 1
+    classes = _idx_classes(cfg.root, num_labels, {train_digest, val_digest})
+    keep = _select(train_y.tolist(), [str(i) for i in range(len(train_y))], cfg.split_seed,
+                   cfg.max_train_per_class, None)
+    train = ImageSet(train_x[keep], train_y[keep], classes)
+    keep = _select(val_y.tolist(), [str(i) for i in range(len(val_y))], cfg.split_seed,
+                   None, cfg.max_val)
+    val = ImageSet(val_x[keep], val_y[keep], classes)
+    if progress is not None:
+        total = len(train) + len(val)
+        progress(total, total)
+    return _finish(train, cfg), _finish(val, cfg)
+
+
+def _idx_digest(cfg: DataConfig) -> str:
+    h = hashlib.sha256()
+    for split in ("train", "val"):
+        for base in IDX_FILES[split]:
+            h.update(f"{base}:{_file_digest(_idx_uri(cfg.root, base))}\n".encode())
+    names_uri = storage.join(cfg.root, _CLASSES_FILE)
+    if storage.exists(names_uri):
+        h.update(f"{_CLASSES_FILE}:{_file_digest(names_uri)}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+
+@dataclass(frozen=True)
+class _File:
+    uri: str
+    rel: str
+    """Path relative to the root, '/'-separated: the file's identity in splits."""
+    label: int
+    size: int
+    mtime_ns: int
+
+
+def _scan_folder(root: str) -> tuple[list[str], list[_File]]:
+    """Class names (sorted sub-folder names) and every image file under them."""
+    fs, base = storage.filesystem(root)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"ImageFolder root {root} does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise DataError(f"ImageFolder root {root} is not a directory")
+    base = base.rstrip("/")
+    entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    classes: set[str] = set()
+    found: list[tuple[str, str, pafs.FileInfo]] = []
+    for e in entries:
+        rel = e.path[len(base) + 1 :]
+        parts = rel.split("/")
+        if any(p.startswith(".") for p in parts):  # .DS_Store, .ipynb_checkpoints, ...
+            continue
+        if e.type == pafs.FileType.Directory and len(parts) == 1:
+            classes.add(parts[0])
+        elif (e.type == pafs.FileType.File and len(parts) > 1
+              and e.extension.lower() in {x[1:] for x in IMAGE_EXTENSIONS}):
+            found.append((parts[0], rel, e))
+    if not classes:
+        raise DataError(f"ImageFolder root {root} has no class sub-folders "
+                        f"(expected {root}/<class name>/<image files>)")
+    names = sorted(classes)
+    label_of = {name: i for i, name in enumerate(names)}
+    files = sorted(
+        (_File(storage.join(root, rel), rel, label_of[cls], int(e.size or 0), int(e.mtime_ns or 0))
+         for cls, rel, e in found),
+        key=lambda f: f.rel,
+    )
+    counts = {f.label for f in files}
+    for name in names:
+        if label_of[name] not in counts:
+            raise DataError(
+                f"class folder {storage.join(root, name)} contains no images "
+                f"({', '.join(IMAGE_EXTENSIONS)})"
+            )
+    return names, files
+
+
+def _decode(file: _File, size: int, mode: str) -> np.ndarray:
+    """One image file -> uint8 [H, W] or [H, W, 3] at size x size."""
+    data = storage.read_bytes(file.uri)
+    with Image.open(io.BytesIO(data)) as img:
+        # JPEG only: let the decoder downscale by DCT scaling (large photos decode much
+        # faster); the result stays >= size on both sides, so quality is kept.
+        img.draft(mode, (size, size))
+        img = img.convert(mode)  # forces the full decode: truncated data raises here
+        img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_all(
+    files: list[_File], cfg: DataConfig, progress: Progress | None,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Decode ``files`` with two threads.
+
+    Returns one image per *readable* file, in the order of ``files``, and the skipped ones.
+    """
+    mode = "RGB" if cfg.channels == 3 else "L"
+    size = cfg.resolution
+
+    def work(f: _File) -> np.ndarray | str:
+        try:
+            return _decode(f, size, mode)
+        # PIL signals malformed input with many exception types (OSError, ValueError,
+        # SyntaxError, DecompressionBombError, ...): any of them means "skip this file".
+        except Exception as exc:  # noqa: BLE001
+            return f"{type(exc).__name__}: {exc}"
+
+    out = torch.empty((len(files), cfg.channels, size, size), dtype=torch.uint8)
+    ok = torch.zeros(len(files), dtype=torch.bool)
+    skipped: list[dict] = []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fadrm-decode") as pool:
+        for i, result in enumerate(pool.map(work, files)):
+            if isinstance(result, str):
+                skipped.append({"path": files[i].uri, "error": result})
+                log.warning("skipping unreadable image %s: %s", files[i].uri, result)
+            else:
+                arr = torch.from_numpy(result)
+                out[i] = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+                ok[i] = True
+            if progress is not None:
+                progress(i + 1, len(files))
+    return out[ok], skipped
+
+
+def _holdout(files: list[_File], cfg: DataConfig, class_names: list[str]) -> tuple[list[_File], list[_File]]:
+    """Split ``files`` into (train, val) with ``val_per_class`` held-out images per class."""
+    per_class = _order_per_class([f.label for f in files], [f.rel for f in files],
+                                 cfg.split_seed)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label, idx in per_class.items():
+        if len(idx) <= cfg.val_per_class:
+            raise DataError(
+                f"class folder {storage.join(cfg.root, class_names[label])} has {len(idx)} "
+                f"images; data.val_per_class={cfg.val_per_class} would leave none for training"
+            )
+        val_idx += idx[: cfg.val_per_class]
+        train_idx += idx[cfg.val_per_class :]
+    return [files[i] for i in sorted(train_idx)], [files[i] for i in sorted(val_idx)]
+
+
+def _limit_files(files: list[_File], cfg: DataConfig, max_per_class: int | None,
+                 max_total: int | None) -> list[_File]:
+    keep = _select([f.label for f in files], [f.rel for f in files], cfg.split_seed,
+                   max_per_class, max_total)
+    return [files[i] for i in keep]
+
+
+def _folder_splits(cfg: DataConfig) -> tuple[list[str], list[_File], list[_File]]:
+    """Class names and the (train, val) files to decode, after splitting and subsetting."""
+    classes, files = _scan_folder(cfg.root)
+    if cfg.val_root:
+        val_classes, val_files = _scan_folder(cfg.val_root)
+        if val_classes != classes:
+            missing = sorted(set(classes) - set(val_classes))
+            extra = sorted(set(val_classes) - set(classes))
+            raise DataError(
+                f"validation root {cfg.val_root} must have the same class folders as "
+                f"{cfg.root}; missing: {missing[:5]}, extra: {extra[:5]}"
+            )
+        train_files = files
+    elif cfg.val_per_class > 0:
+        train_files, val_files = _holdout(files, cfg, classes)
+    else:
+        train_files, val_files = files, []
+    train_files = _limit_files(train_files, cfg, cfg.max_train_per_class, None)
+    val_files = _limit_files(val_files, cfg, None, cfg.max_val)
+    return classes, train_files, val_files
+
+
+def _load_imagefolder(cfg: DataConfig, progress: Progress | None) -> tuple[ImageSet, ImageSet]:
+    classes, train_files, val_files = _folder_splits(cfg)
+    if not val_files:
+        log.warning("no validation images: set data.val_root or data.val_per_class")
+    # One decode pass over both splits, so progress counts all images.
+    images, skipped = _decode_all(train_files + val_files, cfg, progress)
+    bad = {s["path"] for s in skipped}
+    sets = []
+    offset = 0
+    for split_files in (train_files, val_files):
+        good = [f for f in split_files if f.uri not in bad]
+        labels = torch.tensor([f.label for f in good], dtype=torch.long)
+        split_uris = {f.uri for f in split_files}
+        sets.append(ImageSet(
+            images[offset : offset + len(good)],
+            labels,
+            classes,
+            [s for s in skipped if s["path"] in split_uris],
+        ))
+        offset += len(good)
+    train, val = sets
+    for label in set(range(len(classes))) - set(train.labels.tolist()):
+        log.warning("class %r has no readable training images", classes[label])
+    return train, val
+
+
+def _imagefolder_digest(cfg: DataConfig) -> str:
+    h = hashlib.sha256()
+    for tag, root in (("train", cfg.root), ("val", cfg.val_root)):
+        if not root:
+            continue
+        _, files = _scan_folder(root)
+        for f in files:
+            h.update(f"{tag}\0{f.rel}\0{f.size}\0{f.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class _Format:
+    load: Callable[[DataConfig, Progress | None], tuple[ImageSet, ImageSet]]
+    content_digest: Callable[[DataConfig], str]
+    """Cheap digest of the stored files (no decoding)."""
+
+
+_FORMATS: dict[str, _Format] = {
+    "idx": _Format(_load_idx, _idx_digest),
+    "imagefolder": _Format(_load_imagefolder, _imagefolder_digest),
+}
+
+
+def _format(cfg: DataConfig) -> _Format:
+    cfg.validate("data")
+    return _FORMATS[cfg.kind]
+
+
+def load_data(cfg: DataConfig, progress: Progress | None = None) -> tuple[ImageSet, ImageSet]:
+    """Load (train, val) as uint8 ImageSets at ``cfg.resolution`` with ``cfg.channels``.
+
+    ``progress(done, total)`` is called as images are read.
+    """
+    return _format(cfg).load(cfg, progress)
+
+
+# Config fields that change the decoded images (mean/std only normalise later).
+_DECODE_FIELDS = ("kind", "resolution", "channels", "val_per_class", "max_train_per_class",
+                  "max_val", "split_seed")
+
+
+def data_fingerprint(cfg: DataConfig) -> str:
+    """sha256 hex of the stored data plus the decode settings; changes when either does."""
+    h = hashlib.sha256(_format(cfg).content_digest(cfg).encode())
+    for name in _DECODE_FIELDS:
+        h.update(f"\n{name}={getattr(cfg, name)!r}".encode())
+    h.update(f"\nval_root={bool(cfg.val_root)}".encode())
+    return h.hexdigest()

@@ -1,0 +1,42 @@
+# One command each, on a fresh machine: `make demo`, `make test`.
+# Both create .venv, install the package (CPU wheels where pip offers them) and the data.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data demo test test-fast clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package.
+data:
+	@if [ -f $(FMNIST) ]; then echo "Fashion-MNIST: $(FMNIST)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq || true) && apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then \
+	  sudo apt-get update -qq; sudo apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST missing: install Debian's dataset-fashion-mnist, or put the four"; \
+	  echo "IDX files (train/t10k images/labels .gz) in a folder and run"; \
+	  echo "  $(BIN)/fadrm demo --set data.root=FOLDER"; exit 1; fi
+
+demo: setup data
+	$(BIN)/fadrm demo
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,78 @@
+"""Content-addressed stage keys and "what is stale?".
+
+Each stage's output lives under ``<output>/<stage>/<key>/`` where ``key`` hashes everything
+the output depends on (its config section, upstream keys, teacher fingerprints, data
+fingerprint, package version). An unchanged stage is therefore found complete and never
+recomputed, and a changed teacher changes exactly the keys of the stages that used it.
+
+The run's ``manifest.json`` records the components of every key, so ``status`` can say
+*why* a stage is stale: which component changed since the last completed run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["digest", "StageKey", "StageStatus", "RunStatus", "diff_components"]
+
+
+def digest(obj: Any, length: int = 16) -> str:
+    """Stable hex digest of plain data (dict key order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclass
+class StageKey:
+    """A stage's identity: its name and the components its key hashes."""
+
+    stage: str
+    components: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return digest({"stage": self.stage, **self.components})
+
+
+def diff_components(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of what differs between two component dicts."""
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        path = f"{prefix}{name}"
+        a, b = old.get(name), new.get(name)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.extend(diff_components(a, b, path + "."))
+        else:
+            changes.append(f"{path}: {_short(a)} -> {_short(b)}")
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass
+class StageStatus:
+    name: str
+    key: str
+    state: str
+    """'done', 'partial', 'missing' (never run) or 'stale' (inputs changed since last run)."""
+    done_units: int
+    total_units: int
+    reason: str = ""
+
+
+@dataclass
+class RunStatus:
+    stages: list[StageStatus]
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def up_to_date(self) -> bool:
+        return all(s.state == "done" for s in self.stages)

@@ -1,0 +1,429 @@
+"""Teacher and student networks by name, and their weights.
+
+``create_model`` looks a name up in three sources, in order: the built-in registry
+(``convnet`` and friends, for small images), timm, then torchvision. A name may carry its
+source explicitly (``torchvision:densenet121``) where timm and torchvision share a name.
+
+Networks designed for 224 px lose most of a 32 px image in their stride-2 stem and stem
+max-pool; ``small_stem`` replaces the stem convolution with a 3x3 stride-1 one and drops that
+max-pool (the usual CIFAR adaptation), so a ResNet-18 ends at 4x4 instead of 1x1.
+
+Weights are plain state_dicts, loaded with ``weights_only=True`` (no code runs on load), and
+identified by the sha256 of their bytes: the teacher fingerprint that stage keys use.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fadrm import storage
+
+__all__ = [
+    "ConvNet",
+    "WeightsError",
+    "register_model",
+    "builtin_models",
+    "create_model",
+    "apply_small_stem",
+    "load_weights",
+    "save_weights",
+    "has_batchnorm",
+]
+
+# (num_classes, in_chans, image_size) -> model
+ModelFactory = Callable[[int, int, int], nn.Module]
+
+_BUILTIN: dict[str, ModelFactory] = {}
+
+# create_model records the name a model was created under, for error messages.
+_NAME_ATTR = "fadrm_model_name"
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator: make ``factory(num_classes, in_chans, image_size)`` available by ``name``."""
+
+    def deco(factory: ModelFactory) -> ModelFactory:
+        if name in _BUILTIN:
+            raise ValueError(f"model {name!r} is already registered")
+        _BUILTIN[name] = factory
+        return factory
+
+    return deco
+
+
+def builtin_models() -> list[str]:
+    """Names of the built-in models."""
+    return sorted(_BUILTIN)
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+_NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "batch": nn.BatchNorm2d,
+    # One group per channel: instance norm with affine parameters (no running statistics).
+    "instance": lambda c: nn.GroupNorm(c, c),
+    "none": lambda c: nn.Identity(),
+}
+
+
+class ConvNet(nn.Module):
+    """The data-distillation ConvNet: ``depth`` x [conv3x3 - norm - ReLU - avgpool2], linear.
+
+    The classifier expects the spatial size that ``image_size`` leaves after ``depth``
+    halvings; other input sizes (>= 2**depth) are average-pooled to it.
+    """
+
+    def __init__(self, num_classes: int, in_chans: int = 3, image_size: int = 32,
+                 width: int = 64, depth: int = 3, norm: str = "batch"):
+        super().__init__()
+        if norm not in _NORMS:
+            raise ValueError(f"ConvNet norm {norm!r} unknown; choose from {sorted(_NORMS)}")
+        layers: list[nn.Module] = []
+        channels = in_chans
+        for _ in range(depth):
+            layers += [
+                # A bias is redundant before a norm layer that re-centres.
+                nn.Conv2d(channels, width, 3, padding=1, bias=norm == "none"),
+                _NORMS[norm](width),
+                nn.ReLU(inplace=True),
+                nn.AvgPool2d(2),
+            ]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.feature_size = max(1, image_size // 2**depth)
+        self.pool = nn.AdaptiveAvgPool2d(self.feature_size)
+        self.classifier = nn.Linear(width * self.feature_size**2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+@register_model("convnet")
+def _convnet(num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+    return ConvNet(num_classes, in_chans, image_size, width=64)
+
+
+@register_model("convnet_w128")
+def _convnet_w128(num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+    return ConvNet(num_classes, in_chans, image_size, width=128)
+
+
+@register_model("convnet_nobn")
+def _convnet_nobn(num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+    # Instance norm instead of BatchNorm: a teacher without BN statistics to match.
+    return ConvNet(num_classes, in_chans, image_size, width=64, norm="instance")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class _Source:
+    has: Callable[[str], bool]
+    create: Callable[[str, int, int, int, bool], nn.Module]
+    """(name, num_classes, in_chans, image_size, pretrained) -> model"""
+    names: Callable[[], list[str]]
+    adapt_stem: bool
+    """Whether small_stem applies (built-ins are small-image networks already)."""
+
+
+def _create_builtin(name: str, num_classes: int, in_chans: int, image_size: int,
+                    pretrained: bool) -> nn.Module:
+    if pretrained:
+        raise ValueError(f"built-in model {name!r} has no pretrained weights; "
+                         f"train it (squeeze) or give teacher weights")
+    return _BUILTIN[name](num_classes, in_chans, image_size)
+
+
+def _timm_has(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def _timm_create(name: str, num_classes: int, in_chans: int, image_size: int,
+                 pretrained: bool) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                             in_chans=in_chans)
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _tv_names() -> list[str]:
+    import torchvision.models as tvm
+
+    # Classification models only (not detection, segmentation, video, ...).
+    return tvm.list_models(module=tvm)
+
+
+def _tv_create(name: str, num_classes: int, in_chans: int, image_size: int,
+               pretrained: bool) -> nn.Module:
+    import torchvision.models as tvm
+
+    if pretrained:
+        # Pretrained heads have the hub's class count: load them, then replace the head.
+        model = tvm.get_model(name, weights="DEFAULT")
+        head_name, head = _last_of(model, nn.Linear, name)
+        if head.out_features != num_classes:
+            _set_submodule(model, head_name, nn.Linear(head.in_features, num_classes))
+    else:
+        model = tvm.get_model(name, weights=None, num_classes=num_classes)
+    if in_chans != 3:
+        conv_name, conv = _first_of(model, nn.Conv2d, name)
+        new = _conv_like(conv, in_chans)
+        with torch.no_grad():
+            # Keep pretrained filters meaningful: sum RGB for gray, else tile and rescale.
+            w = conv.weight
+            if in_chans == 1:
+                new.weight.copy_(w.sum(1, keepdim=True))
+            else:
+                reps = -(-in_chans // w.shape[1])
+                new.weight.copy_(w.repeat(1, reps, 1, 1)[:, :in_chans] * (3 / in_chans))
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        _set_submodule(model, conv_name, new)
+    return model
+
+
+_SOURCES: dict[str, _Source] = {
+    "builtin": _Source(lambda n: n in _BUILTIN, _create_builtin, builtin_models, False),
+    "timm": _Source(_timm_has, _timm_create, _timm_names, True),
+    "torchvision": _Source(lambda n: n in _tv_names(), _tv_create, _tv_names, True),
+}
+
+
+def _resolve(name: str) -> tuple[str, str]:
+    """(source, bare name) for ``name`` or ``source:name``; ValueError with suggestions."""
+    prefix, _, rest = name.partition(":")
+    if rest and prefix in _SOURCES:
+        candidates = [(prefix, rest)]
+    else:
+        candidates = [(src, name) for src in _SOURCES]
+    for src, bare in candidates:
+        if _SOURCES[src].has(bare):
+            return src, bare
+    all_names = [n for s in _SOURCES.values() for n in s.names()]
+    close = difflib.get_close_matches(name.partition(":")[2] or name, all_names, n=5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"unknown model {name!r} (not a built-in {builtin_models()}, timm or torchvision "
+        f"model){hint}"
+    )
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 3, image_size: int = 224,
+                 small_stem: bool | None = None, pretrained: bool = False) -> nn.Module:
+    """Build a classifier by name (built-in, then timm, then torchvision).
+
+    ``small_stem`` None means: use the small-image stem when ``image_size <= 64``.
+    """
+    src, bare = _resolve(name)
+    source = _SOURCES[src]
+    model = source.create(bare, num_classes, in_chans, image_size, pretrained)
+    if source.adapt_stem and (image_size <= 64 if small_stem is None else small_stem):
+        apply_small_stem(model, in_chans, name)
+    setattr(model, _NAME_ATTR, name)
+    return model
+
+
+# --------------------------------------------------------------------------- small stem
+
+
+def _first_of(model: nn.Module, kind: type, what: str) -> tuple[str, nn.Module]:
+    for n, m in model.named_modules():
+        if isinstance(m, kind):
+            return n, m
+    raise ValueError(f"model {what!r} has no {kind.__name__} layer")
+
+
+def _last_of(model: nn.Module, kind: type, what: str) -> tuple[str, nn.Module]:
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
+    if not found:
+        raise ValueError(f"model {what!r} has no {kind.__name__} layer")
+    return found[-1]
+
+
+def _set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _conv_like(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
+    return nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride,
+                     conv.padding, conv.dilation, conv.groups, conv.bias is not None)
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _stem_pool(model: nn.Module, stem_conv: nn.Module) -> str | None:
+    """Name of the stem max-pool: the first MaxPool2d before the first block, or None.
+
+    A *block* is a module with its own forward (not a plain container) that holds a
+    convolution but not the stem convolution: a residual block, a dense layer, an inverted
+    residual. Module order is definition order, which for these networks is forward order.
+    """
+    for name, m in model.named_modules():
+        if m is model:
+            continue
+        if isinstance(m, nn.MaxPool2d):
+            return name
+        is_block = (
+            not isinstance(m, _CONTAINERS)
+            and not isinstance(m, nn.Conv2d)
+            and any(isinstance(c, nn.Conv2d) for c in m.modules())
+            and not any(c is stem_conv for c in m.modules())
+        )
+        if is_block:
+            return None
+    return None
+
+
+def apply_small_stem(model: nn.Module, in_chans: int = 3, what: str = "") -> nn.Module:
+    """In place: 3x3 stride-1 stem convolution, stem max-pool replaced by Identity."""
+    what = what or type(model).__name__
+    conv_name, conv = _first_of(model, nn.Conv2d, what)
+    new = nn.Conv2d(in_chans, conv.out_channels, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    pool_name = _stem_pool(model, conv)
+    _set_submodule(model, conv_name, new)
+    if pool_name is not None:
+        _set_submodule(model, pool_name, nn.Identity())
+    return model
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class WeightsError(RuntimeError):
+    """A weights file that cannot be loaded into the given model."""
+
+
+_STATE_KEYS = ("state_dict", "model", "model_state_dict")
+# Wrappers that prefix parameter names: DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _label(model: nn.Module) -> str:
+    name = getattr(model, _NAME_ATTR, None)
+    cls = type(model).__name__
+    return f"{name!r} ({cls})" if name else cls
+
+
+_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose state_dict has plain names (inside DDP and torch.compile)."""
+    while True:
+        if isinstance(model, _WRAPPERS):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def _brief(keys: list[str], limit: int = 5) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _fit_problems(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Why ``state`` does not fit ``model``, briefly (missing, unexpected, shapes)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_brief(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_brief(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch (file vs model): {_brief(shapes, 3)}")
+    return problems
+
+
+def load_weights(model: nn.Module, uri: str) -> str:
+    """Load a state_dict from ``uri`` (path or s3://) into ``model``; returns its sha256.
+
+    Accepts a bare state_dict or a checkpoint dict holding one under 'state_dict', 'model'
+    or 'model_state_dict'; 'module.' / '_orig_mod.' prefixes are stripped.
+    """
+    label = _label(model)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"weights for model {label}: {uri} not found") from exc
+    digest = storage.sha256_bytes(data)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"{uri}: cannot load weights for model {label} (weights_only=True accepts only "
+            f"tensors and plain containers): {first}"
+        ) from exc
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise WeightsError(f"{uri}: not a state_dict (got {type(obj).__name__}) for model "
+                           f"{label}")
+    state = {_strip(k): v for k, v in obj.items()}
+    target = _unwrap(model)
+    problems = _fit_problems(target, state)
+    if problems:
+        raise WeightsError(f"{uri}: weights do not fit model {label}: " + "; ".join(problems))
+    try:
+        target.load_state_dict(state, strict=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. a non-tensor value
+        raise WeightsError(f"{uri}: cannot load into model {label}: {exc}") from exc
+    return digest
+
+
+def save_weights(model: nn.Module, uri: str) -> str:
+    """Write the model's state_dict to ``uri`` atomically; returns the sha256 of the bytes."""
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    storage.write_bytes_atomic(uri, data)
+    return storage.sha256_bytes(data)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether any BatchNorm layer (with running statistics to match) is present."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

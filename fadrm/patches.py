@@ -1,0 +1,228 @@
+"""Initial images P: realism-scored real patches (RDED-style), random real images, noise.
+
+Every initialiser is deterministic per ``(seed, class id)``: a class gets the same images no
+matter which other classes share the call, so a work unit (a block of classes) can be
+recomputed by any worker on any attempt and produce the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from fadrm.config import SelectConfig
+from fadrm.data import ImageSet, normalize
+
+__all__ = ["class_generator", "score_realism", "select_patches", "random_real", "noise_init"]
+
+
+def class_generator(seed: int, class_id: int, purpose: str) -> torch.Generator:
+    """A CPU generator for one (purpose, seed, class); independent streams per purpose."""
+    digest = hashlib.sha256(f"{purpose}:{seed}:{class_id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@torch.no_grad()
+def score_realism(
+    teacher: nn.Module,
+    patches_norm: torch.Tensor,
+    labels: torch.Tensor,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Realism of each patch: ``-CE(teacher(resize(patch, image_size)), label)``.
+
+    ``patches_norm`` are normalised float patches ``[B, C, h, w]``; the teacher runs in eval
+    mode (its previous mode is restored). Returns float32 ``[B]`` on the CPU.
+    """
+    if patches_norm.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"score_realism: {patches_norm.shape[0]} patches but {labels.shape[0]} labels"
+        )
+    was_training = teacher.training
+    teacher.eval()
+    scores = []
+    try:
+        for start in range(0, patches_norm.shape[0], batch_size):
+            x = patches_norm[start : start + batch_size].to(device, torch.float32)
+            y = labels[start : start + batch_size].to(device)
+            if x.shape[-2:] != (image_size, image_size):
+                x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                  align_corners=False)
+            logits = teacher(x).float()
+            scores.append(-F.cross_entropy(logits, y, reduction="none").cpu())
+    finally:
+        teacher.train(was_training)
+    if not scores:
+        return torch.empty(0)
+    return torch.cat(scores)
+
+
+def _random_square_boxes(
+    count: int, height: int, width: int, scale: list[float], generator: torch.Generator
+) -> torch.Tensor:
+    """RandomResizedCrop boxes with aspect ratio 1: ``[count, 4]`` as (x0, y0, x1, y1).
+
+    The area fraction is uniform in ``scale``; sides and offsets are whole pixels, so a box
+    is an exact pixel crop.
+    """
+    lo, hi = scale
+    area = height * width * (lo + (hi - lo) * torch.rand(count, generator=generator))
+    side = area.sqrt().round().clamp(1, min(height, width))
+    y0 = (torch.rand(count, generator=generator) * (height - side + 1)).floor()
+    x0 = (torch.rand(count, generator=generator) * (width - side + 1)).floor()
+    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
+
+
+def _crop_resize(
+    images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor, side: int
+) -> torch.Tensor:
+    """Crop ``boxes`` (one per output) from float ``images`` and resize each to ``side``.
+
+    roi_align does all crops in one batched call; with ``aligned=True`` and adaptive sampling
+    it is bilinear resampling (align_corners=False) that averages several samples per output
+    pixel when shrinking, i.e. a mild anti-alias.
+    """
+    rois = torch.cat([image_index.to(boxes.dtype)[:, None], boxes], dim=1)
+    rois = rois.to(images.device, images.dtype)
+    return roi_align(images, rois, (side, side), spatial_scale=1.0, sampling_ratio=-1,
+                     aligned=True)
+
+
+def _stitch(patches: torch.Tensor, factor: int, size: int) -> torch.Tensor:
+    """``[n * factor^2, C, p, p]`` patches -> ``[n, C, size, size]`` images, row-major."""
+    n = patches.shape[0] // factor**2
+    c, p = patches.shape[1], patches.shape[-1]
+    grid = patches.reshape(n, factor, factor, c, p, p)  # (image, row, col, C, y, x)
+    images = grid.permute(0, 3, 1, 4, 2, 5).reshape(n, c, factor * p, factor * p)
+    if factor * p != size:  # odd sizes: p = size // factor leaves a pixel out
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return (x * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def _class_name(train: ImageSet, class_id: int) -> str:
+    name = train.classes[class_id] if 0 <= class_id < len(train.classes) else "?"
+    return f"class {class_id} ({name!r})"
+
+
+def select_patches(
+    teacher: nn.Module,
+    train: ImageSet,
+    class_ids: list[int],
+    ipc: int,
+    cfg: SelectConfig,
+    mean: list[float],
+    std: list[float],
+    seed: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Initial images from the most realistic real patches, ``uint8 [K, ipc, C, H, W]``.
+
+    Per class: draw ``min(m, available)`` real images, crop ``c`` random square patches of
+    each (side ``H // factor``), score them with :func:`score_realism`, keep each image's best
+    patch, then the class's ``ipc * factor^2`` best patches by descending realism.
+
+    With ``factor = 2`` image ``k`` is stitched from the patches ranked ``4k .. 4k+3``,
+    placed row-major: rank ``4k`` top-left, ``4k+1`` top-right, ``4k+2`` bottom-left,
+    ``4k+3`` bottom-right. With ``factor = 1`` image ``k`` is the patch ranked ``k``.
+    """
+    if ipc <= 0:
+        raise ValueError(f"select_patches: ipc must be > 0, got {ipc}")
+    _, channels, height, width = train.images.shape
+    if height != width:
+        raise ValueError(f"select_patches: needs square images, got {height}x{width}")
+    out = torch.empty(len(class_ids), ipc, channels, height, width, dtype=torch.uint8)
+    for k, class_id in enumerate(class_ids):
+        out[k] = _select_class(teacher, train, class_id, ipc, cfg, mean, std, seed, device)
+    return out
+
+
+def _select_class(
+    teacher: nn.Module,
+    train: ImageSet,
+    class_id: int,
+    ipc: int,
+    cfg: SelectConfig,
+    mean: list[float],
+    std: list[float],
+    seed: int,
+    device: torch.device,
+) -> torch.Tensor:
+    size = train.images.shape[-1]
+    side = size // cfg.factor
+    crops = cfg.num_crops
+    need = ipc * cfg.factor**2
+    pool = train.indices_of(class_id)
+    num = min(cfg.num_candidates, int(pool.numel()))
+    if num < need:
+        raise ValueError(
+            f"select_patches: {_class_name(train, class_id)} has {num} usable patches "
+            f"(one per real image, {pool.numel()} images) but needs {need} "
+            f"(ipc {ipc} x factor^2 {cfg.factor**2})"
+        )
+    gen = class_generator(seed, class_id, "select")
+    chosen = pool[torch.randperm(int(pool.numel()), generator=gen)[:num]]
+    boxes = _random_square_boxes(num * crops, size, size, cfg.crop_scale, gen)
+    crop_image = torch.arange(num).repeat_interleave(crops)
+
+    # Score in chunks of whole images so memory stays bounded by the batch size; patches are
+    # not kept: the winners are cropped again from their boxes afterwards.
+    scores = torch.empty(num * crops)
+    per_chunk = max(1, cfg.batch_size // crops)
+    for start in range(0, num, per_chunk):
+        stop = min(num, start + per_chunk)
+        src = train.images[chosen[start:stop]].to(device).float().div_(255.0)
+        rows = slice(start * crops, stop * crops)
+        patches = _crop_resize(src, crop_image[rows] - start, boxes[rows], side)
+        labels = torch.full((patches.shape[0],), class_id, dtype=torch.long)
+        scores[rows] = score_realism(
+            teacher, normalize(patches, mean, std), labels, size, cfg.batch_size, device
+        )
+
+    best_score, best_crop = scores.view(num, crops).max(dim=1)
+    ranked = torch.argsort(best_score, descending=True, stable=True)[:need]
+    src = train.images[chosen[ranked]].to(device).float().div_(255.0)
+    winners = _crop_resize(src, torch.arange(need), boxes[ranked * crops + best_crop[ranked]],
+                           side)
+    return _to_uint8(_stitch(winners, cfg.factor, size)).cpu()
+
+
+def random_real(train: ImageSet, class_ids: list[int], ipc: int, seed: int) -> torch.Tensor:
+    """``ipc`` distinct random real images per class, ``uint8 [K, ipc, C, H, W]``."""
+    _, channels, height, width = train.images.shape
+    out = torch.empty(len(class_ids), ipc, channels, height, width, dtype=torch.uint8)
+    for k, class_id in enumerate(class_ids):
+        pool = train.indices_of(class_id)
+        if pool.numel() < ipc:
+            raise ValueError(
+                f"random_real: {_class_name(train, class_id)} has {pool.numel()} images "
+                f"but ipc is {ipc}"
+            )
+        gen = class_generator(seed, class_id, "random-real")
+        out[k] = train.images[pool[torch.randperm(int(pool.numel()), generator=gen)[:ipc]]]
+    return out
+
+
+def noise_init(
+    class_ids: list[int], ipc: int, channels: int, size: int, seed: int
+) -> torch.Tensor:
+    """SRe2L's start: N(0, 1) noise in *normalised* space, float32 ``[K, ipc, C, S, S]``.
+
+    Takes class ids (not a count) so each class's noise depends only on (seed, class), like
+    the other initialisers. Values outside the pixel range are clamped by recover's first step.
+    """
+    out = torch.empty(len(class_ids), ipc, channels, size, size)
+    for k, class_id in enumerate(class_ids):
+        gen = class_generator(seed, class_id, "noise")
+        out[k] = torch.randn(ipc, channels, size, size, generator=gen)
+    return out
+

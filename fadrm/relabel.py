@@ -1,0 +1,529 @@
+"""FKD-style relabelling: per-epoch views (crop, flip, CutMix) and teacher-ensemble logits.
+
+For every student epoch the distilled set is shuffled into batches and every sample gets a
+RandomResizedCrop, a flip bit and (per batch) CutMix parameters. The teachers label the
+augmented batch and the logits are stored as Arrow rows *together with the view
+parameters*, so the student later rebuilds bit-identical inputs with :func:`apply_views`
+instead of re-drawing random augmentations.
+
+Invariants:
+
+* Views depend only on ``(seed, epoch)`` (plus the image count, the config and the output
+  size): any worker, on any attempt, produces the same rows.
+* Crops are stored as fractions of the source side, so they do not depend on the
+  resolution; CutMix boxes are stored in output pixels (they are applied after resizing).
+* :func:`view_batch` / :func:`apply_views` are the single code path that turns views into
+  pixels; relabel and the student both call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from fadrm.amp import autocast
+from fadrm.config import RelabelConfig
+from fadrm.data import normalize
+
+__all__ = [
+    "Views",
+    "make_views",
+    "apply_views",
+    "view_batch",
+    "ensemble_logits",
+    "teacher_bn_mode",
+    "relabel_epochs",
+    "soft_label_schema",
+    "epoch_table",
+    "views_from_table",
+    "soft_targets",
+]
+
+# RandomResizedCrop's aspect-ratio range and retry count (as torchvision).
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_CROP_ATTEMPTS = 10
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+# --------------------------------------------------------------------------- views
+
+
+@dataclass
+class Views:
+    """View parameters of one epoch, one row per sample, ordered by (batch, pos)."""
+
+    epoch: np.ndarray
+    """int32 [N]"""
+    batch: np.ndarray
+    """int32 [N]: batch index within the epoch."""
+    pos: np.ndarray
+    """int32 [N]: position within the batch (0..B-1)."""
+    image_id: np.ndarray
+    """int32 [N]: index into the distilled image tensor."""
+    crop: np.ndarray
+    """float32 [N, 4]: (top, left, height, width) as fractions of the source side."""
+    flip: np.ndarray
+    """bool [N]: horizontal flip (applied after the crop)."""
+    mix_partner: np.ndarray
+    """int32 [N]: batch position whose pixels are pasted into the box; -1 = unchanged."""
+    mix_lam: np.ndarray
+    """float32 [N]: fraction of the sample's own pixels left after CutMix (1 = no mix)."""
+    mix_box: np.ndarray
+    """int32 [N, 4]: (y0, x0, y1, x1) CutMix box in output pixels, end exclusive."""
+
+    def __post_init__(self) -> None:
+        n = len(self.epoch)
+        for f in fields(self):
+            arr = getattr(self, f.name)
+            if len(arr) != n:
+                raise ValueError(f"Views.{f.name} has {len(arr)} rows, expected {n}")
+        for name in ("crop", "mix_box"):
+            if getattr(self, name).shape != (n, 4):
+                raise ValueError(f"Views.{name} must have shape [{n}, 4]")
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def __getitem__(self, index: slice | np.ndarray) -> Views:
+        return Views(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def batch_slices(self) -> Iterator[slice]:
+        """Row ranges of the batches, in order (rows must be sorted by batch, pos)."""
+        if len(self) == 0:
+            return
+        starts = np.flatnonzero(np.diff(self.batch)) + 1
+        bounds = [0, *starts.tolist(), len(self)]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            yield slice(lo, hi)
+
+    def batches(self) -> Iterator[Views]:
+        """The rows of each batch, in order."""
+        for s in self.batch_slices():
+            yield self[s]
+
+    def equals(self, other: Views) -> bool:
+        """Every column identical (dtype and values)."""
+        return all(
+            getattr(self, f.name).dtype == getattr(other, f.name).dtype
+            and np.array_equal(getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+        )
+
+
+def make_views(
+    seed: int, epoch: int, num_images: int, cfg: RelabelConfig, out_size: int
+) -> Views:
+    """Draw one epoch of views; a pure function of its arguments.
+
+    All random numbers are drawn whatever the flip/CutMix switches say, so turning one
+    augmentation off leaves the others (and the batch order) unchanged.
+    """
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    if num_images <= 0:
+        raise ValueError(f"num_images must be > 0, got {num_images}")
+    if out_size <= 0:
+        raise ValueError(f"out_size must be > 0, got {out_size}")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    n, bs = num_images, cfg.batch_size
+
+    image_id = rng.permutation(n).astype(np.int32)
+    rows = np.arange(n)
+    batch = (rows // bs).astype(np.int32)
+    pos = (rows % bs).astype(np.int32)
+
+    # RandomResizedCrop on a square source, in fractions of the side: area fraction s and
+    # aspect ratio r give width sqrt(s * r) and height sqrt(s / r). The first of 10
+    # attempts that fits wins; otherwise the whole image (torchvision's fallback for a
+    # square image, whose ratio 1 lies inside the allowed range).
+    lo, hi = cfg.crop_scale
+    area = rng.uniform(lo, hi, size=(n, _CROP_ATTEMPTS))
+    ratio = np.exp(rng.uniform(math.log(_RATIO[0]), math.log(_RATIO[1]), size=(n, _CROP_ATTEMPTS)))
+    w_try, h_try = np.sqrt(area * ratio), np.sqrt(area / ratio)
+    fits = (w_try <= 1.0) & (h_try <= 1.0)
+    first = fits.argmax(axis=1)
+    found = fits.any(axis=1)
+    h = np.where(found, h_try[rows, first], 1.0)
+    w = np.where(found, w_try[rows, first], 1.0)
+    top = rng.uniform(0.0, 1.0, size=n) * (1.0 - h)
+    left = rng.uniform(0.0, 1.0, size=n) * (1.0 - w)
+    crop = np.stack([top, left, h, w], axis=1).astype(np.float32)
+
+    flip = (rng.random(n) < 0.5) & cfg.flip
+
+    mix_partner = np.full(n, -1, dtype=np.int32)
+    mix_lam = np.ones(n, dtype=np.float32)
+    mix_box = np.zeros((n, 4), dtype=np.int32)
+    for b, start in enumerate(range(0, n, bs)):
+        size = min(bs, n - start)
+        lam = rng.beta(cfg.cutmix_beta, cfg.cutmix_beta)
+        partner = rng.permutation(size)
+        cy, cx = rng.integers(0, out_size, size=2)
+        if not cfg.cutmix or size < 2:
+            continue
+        half = int(out_size * math.sqrt(1.0 - lam)) // 2
+        y0, y1 = np.clip([cy - half, cy + half], 0, out_size)
+        x0, x1 = np.clip([cx - half, cx + half], 0, out_size)
+        box_area = int((y1 - y0) * (x1 - x0))
+        if box_area == 0:
+            continue
+        # A sample paired with itself is left unchanged: store it as "no CutMix" so the
+        # rows say what happened to the pixels.
+        mixed = partner != np.arange(size)
+        idx = start + np.flatnonzero(mixed)
+        mix_partner[idx] = partner[mixed]
+        mix_lam[idx] = 1.0 - box_area / float(out_size * out_size)
+        mix_box[idx] = (y0, x0, y1, x1)
+
+    return Views(
+        epoch=np.full(n, epoch, dtype=np.int32),
+        batch=batch,
+        pos=pos,
+        image_id=image_id,
+        crop=crop,
+        flip=flip,
+        mix_partner=mix_partner,
+        mix_lam=mix_lam,
+        mix_box=mix_box,
+    )
+
+
+def apply_views(images: torch.Tensor, rows: Views, out_size: int) -> torch.Tensor:
+    """Render one whole batch of views from normalised images ``[M, C, H, W]``.
+
+    Crop + resize is ``roi_align`` (aligned, adaptive sampling): bilinear interpolation
+    like ``F.interpolate(align_corners=False)`` when enlarging, box-averaged when
+    shrinking, one call for the whole batch and deterministic. Then flip, then CutMix
+    (box pixels come from the partner's *flipped, cropped* view, as in a CutMix applied to
+    an augmented batch).
+    """
+    b = len(rows)
+    if b == 0:
+        raise ValueError("apply_views needs at least one row")
+    if not np.array_equal(rows.pos, np.arange(b)) or len(np.unique(rows.batch)) != 1:
+        raise ValueError("apply_views needs the rows of exactly one batch, in position order")
+    if rows.image_id.min() < 0 or rows.image_id.max() >= images.shape[0]:
+        raise ValueError(
+            f"view image_id out of range: max {int(rows.image_id.max())}, "
+            f"but only {images.shape[0]} images"
+        )
+    if rows.mix_partner.max() >= b:
+        raise ValueError(f"CutMix partner {int(rows.mix_partner.max())} outside batch of {b}")
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"views assume square images, got {tuple(images.shape[-2:])}")
+    if not images.is_floating_point():
+        raise ValueError("apply_views needs normalised float images (use view_batch for uint8)")
+
+    device, dtype = images.device, images.dtype
+    side = images.shape[-1]
+    crop = torch.from_numpy(rows.crop).to(device=device, dtype=dtype) * side
+    top, left, height, width = crop.unbind(1)
+    ids = torch.from_numpy(rows.image_id).to(device=device, dtype=dtype)
+    boxes = torch.stack([ids, left, top, left + width, top + height], dim=1)
+    out = roi_align(images, boxes, output_size=out_size, spatial_scale=1.0,
+                    sampling_ratio=-1, aligned=True)
+
+    flip = torch.from_numpy(rows.flip).to(device)
+    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+    partner = torch.from_numpy(rows.mix_partner.astype(np.int64)).to(device)
+    if bool((partner >= 0).any()):
+        box = torch.from_numpy(rows.mix_box.astype(np.int64)).to(device)
+        grid = torch.arange(out_size, device=device)
+        inside_y = (grid[None, :] >= box[:, 0:1]) & (grid[None, :] < box[:, 2:3])  # [B, out]
+        inside_x = (grid[None, :] >= box[:, 1:2]) & (grid[None, :] < box[:, 3:4])
+        mask = inside_y[:, :, None] & inside_x[:, None, :] & (partner >= 0)[:, None, None]
+        # Gather from the un-mixed batch so a partner's own box does not leak in twice.
+        source = out[partner.clamp(min=0)]
+        out = torch.where(mask[:, None], source, out)
+    return out
+
+
+def view_batch(
+    images: torch.Tensor,
+    rows: Views,
+    mean: list[float],
+    std: list[float],
+    out_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Render one batch from uint8 images: gather, move, normalise, :func:`apply_views`.
+
+    Only the batch's images are normalised (the full set in fp32 can be many GB). This is
+    bit-identical to ``apply_views(normalize(images), rows, out_size)``: normalisation is
+    element-wise and each view reads only its own source image.
+    """
+    ids, local = np.unique(rows.image_id, return_inverse=True)
+    if ids[-1] >= images.shape[0] or ids[0] < 0:
+        raise ValueError(
+            f"view image_id {int(ids[-1])} out of range for {images.shape[0]} images"
+        )
+    src = images[torch.from_numpy(ids.astype(np.int64)).to(images.device)]
+    x = normalize(src.to(device), mean, std)
+    local_rows = dataclasses.replace(rows, image_id=local.reshape(-1).astype(np.int32))
+    return apply_views(x, local_rows, out_size)
+
+
+# --------------------------------------------------------------------------- teachers
+
+
+@contextlib.contextmanager
+def teacher_bn_mode(model: nn.Module, bn_mode: str) -> Iterator[nn.Module]:
+    """Put a teacher in labelling mode and restore every module's flags afterwards.
+
+    'eval': plain eval mode (running statistics). 'train': BatchNorm layers normalise
+    with the batch's statistics but do *not* update their running statistics (nor
+    ``num_batches_tracked``), and every other layer stays in eval mode, so dropout never
+    makes labels random.
+    """
+    if bn_mode not in ("train", "eval"):
+        raise ValueError(f"bn_mode must be 'train' or 'eval', got {bn_mode!r}")
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    try:
+        model.eval()
+        if bn_mode == "train":
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    # Training BN without tracking: batch statistics are used and the
+                    # running buffers are not passed to batch_norm, so they stay untouched.
+                    m.train()
+                    m.track_running_stats = False
+        yield model
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track
+
+
+@torch.no_grad()
+def ensemble_logits(
+    teachers: Sequence[nn.Module],
+    x: torch.Tensor,
+    bn_mode: str,
+    weights: Sequence[float] | None,
+    device: torch.device,
+    mixed_precision: bool = True,
+) -> torch.Tensor:
+    """fp32 logits ``[B, K]`` of the teacher ensemble on the whole batch ``x``.
+
+    Uniform mean of the teachers' logits, or weighted by ``softmax(w / 10)``. The whole
+    batch goes through each teacher at once, so train-mode BN sees the batch's statistics.
+    Teachers must already be on ``device``.
+    """
+    if not teachers:
+        raise ValueError("ensemble_logits needs at least one teacher")
+    if weights is not None and len(weights) != len(teachers):
+        raise ValueError(f"got {len(weights)} ensemble weights for {len(teachers)} teachers")
+    if weights is None:
+        coef = torch.full((len(teachers),), 1.0 / len(teachers))
+    else:
+        coef = torch.softmax(torch.tensor(list(weights), dtype=torch.float64) / 10.0, 0).float()
+    x = x.to(device)
+    total: torch.Tensor | None = None
+    for teacher, c in zip(teachers, coef.tolist()):
+        with teacher_bn_mode(teacher, bn_mode), autocast(device, mixed_precision):
+            logits = teacher(x)
+        term = logits.float() * c
+        if total is not None and term.shape != total.shape:
+            raise ValueError(
+                f"teachers disagree on the number of classes: {tuple(term.shape)} "
+                f"vs {tuple(total.shape)}"
+            )
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+# --------------------------------------------------------------------------- arrow
+
+
+def soft_label_schema(num_classes: int, top_k: int) -> pa.Schema:
+    """Arrow schema of soft-label rows (full fp16 logits, or top-k + the rest's mean)."""
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be > 0, got {num_classes}")
+    if top_k < 0 or (top_k > 0 and top_k >= num_classes):
+        raise ValueError(
+            f"top_k must be 0 (all logits) or in [1, {num_classes - 1}] for {num_classes} "
+            f"classes, got {top_k}"
+        )
+    cols = [
+        pa.field("epoch", pa.int32(), nullable=False),
+        pa.field("batch", pa.int32(), nullable=False),
+        pa.field("pos", pa.int32(), nullable=False),
+        pa.field("image_id", pa.int32(), nullable=False),
+        pa.field("crop", pa.list_(pa.float32(), 4), nullable=False),
+        pa.field("flip", pa.bool_(), nullable=False),
+        pa.field("mix_partner", pa.int32(), nullable=False),
+        pa.field("mix_lam", pa.float32(), nullable=False),
+        pa.field("mix_box", pa.list_(pa.int32(), 4), nullable=False),
+    ]
+    if top_k == 0:
+        cols.append(pa.field("logits", pa.list_(pa.float16(), num_classes), nullable=False))
+    else:
+        cols += [
+            pa.field("topk_index", pa.list_(pa.int32(), top_k), nullable=False),
+            pa.field("topk_value", pa.list_(pa.float16(), top_k), nullable=False),
+            pa.field("rest_value", pa.float16(), nullable=False),
+        ]
+    meta = {b"num_classes": str(num_classes).encode(), b"top_k": str(top_k).encode()}
+    return pa.schema(cols, metadata=meta)
+
+
+def _fixed_list(values: np.ndarray, arrow_type: pa.DataType) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(values).reshape(-1), type=arrow_type), values.shape[1]
+    )
+
+
+def _views_arrays(views: Views) -> list[pa.Array]:
+    return [
+        pa.array(views.epoch, pa.int32()),
+        pa.array(views.batch, pa.int32()),
+        pa.array(views.pos, pa.int32()),
+        pa.array(views.image_id, pa.int32()),
+        _fixed_list(views.crop, pa.float32()),
+        pa.array(views.flip, pa.bool_()),
+        pa.array(views.mix_partner, pa.int32()),
+        pa.array(views.mix_lam, pa.float32()),
+        _fixed_list(views.mix_box, pa.int32()),
+    ]
+
+
+def _label_arrays(logits: torch.Tensor, top_k: int) -> list[pa.Array]:
+    """fp32 logits [N, K] -> the label columns (fp16 values, clamped to fp16's range)."""
+    if top_k == 0:
+        half = logits.clamp(-_FP16_MAX, _FP16_MAX).half().numpy()
+        return [_fixed_list(half, pa.float16())]
+    top = logits.topk(top_k, dim=1)
+    k_all = logits.shape[1]
+    # The tail's mean stands in for every logit not kept: at T = 20 the soft target is
+    # far from one-hot, so filling the tail with 0 (or -inf) would distort it badly.
+    rest = (logits.sum(1) - top.values.sum(1)) / (k_all - top_k)
+    return [
+        _fixed_list(top.indices.to(torch.int32).numpy(), pa.int32()),
+        _fixed_list(top.values.clamp(-_FP16_MAX, _FP16_MAX).half().numpy(), pa.float16()),
+        pa.array(rest.clamp(-_FP16_MAX, _FP16_MAX).half().numpy(), pa.float16()),
+    ]
+
+
+def relabel_epochs(
+    teachers: Sequence[nn.Module],
+    images: torch.Tensor,
+    mean: list[float],
+    std: list[float],
+    cfg: RelabelConfig,
+    epochs: Sequence[int] | range,
+    seed: int,
+    device: torch.device,
+    weights: Sequence[float] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    mixed_precision: bool = True,
+) -> pa.Table:
+    """Soft labels for ``epochs``: views + ensemble logits of uint8 ``images [N, C, H, W]``.
+
+    Views are rendered at the images' resolution. Teachers are moved to ``device``; their
+    parameters, buffers and train/eval flags are left as they were.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    if images.shape[2] != images.shape[3]:
+        raise ValueError(f"relabel needs square images, got {tuple(images.shape[2:])}")
+    epochs = list(epochs)
+    out_size = images.shape[2]
+    for t in teachers:
+        t.to(device)
+    tables: list[pa.Table] = []
+    schema: pa.Schema | None = None
+    for done, epoch in enumerate(epochs):
+        views = make_views(seed, epoch, images.shape[0], cfg, out_size)
+        logits = []
+        for b, rows in enumerate(views.batches()):
+            x = view_batch(images, rows, mean, std, out_size, device)
+            out = ensemble_logits(teachers, x, cfg.teacher_bn_mode, weights, device,
+                                  mixed_precision)
+            if not torch.isfinite(out).all():
+                raise RuntimeError(f"relabel: non-finite teacher logits at epoch {epoch}, "
+                                   f"batch {b}")
+            logits.append(out.cpu())
+        all_logits = torch.cat(logits)
+        if schema is None:
+            schema = soft_label_schema(all_logits.shape[1], cfg.top_k)
+            schema = schema.with_metadata({**schema.metadata, b"seed": str(seed).encode()})
+        arrays = _views_arrays(views) + _label_arrays(all_logits, cfg.top_k)
+        tables.append(pa.Table.from_arrays(arrays, schema=schema))
+        if progress is not None:
+            progress(done + 1, len(epochs))
+    if schema is None:
+        raise ValueError("relabel_epochs needs at least one epoch")
+    return pa.concat_tables(tables)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _list_column(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed-size-list column as a 2-D numpy array (respects slicing)."""
+    col = table.column(name).combine_chunks()
+    width = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy()
+
+
+def epoch_table(table: pa.Table, epoch: int) -> pa.Table:
+    """The rows of one epoch, sorted by (batch, pos)."""
+    rows = table.filter(pc.equal(table.column("epoch"), epoch))
+    if rows.num_rows == 0:
+        raise ValueError(f"soft-label table has no rows for epoch {epoch}")
+    return rows.sort_by([("batch", "ascending"), ("pos", "ascending")])
+
+
+def views_from_table(table: pa.Table, epoch: int) -> Views:
+    """The stored views of ``epoch`` (rows sorted by batch, pos)."""
+    rows = epoch_table(table, epoch)
+    return Views(
+        epoch=_column(rows, "epoch").astype(np.int32),
+        batch=_column(rows, "batch").astype(np.int32),
+        pos=_column(rows, "pos").astype(np.int32),
+        image_id=_column(rows, "image_id").astype(np.int32),
+        crop=_list_column(rows, "crop").astype(np.float32),
+        flip=rows.column("flip").to_numpy(zero_copy_only=False).astype(bool),
+        mix_partner=_column(rows, "mix_partner").astype(np.int32),
+        mix_lam=_column(rows, "mix_lam").astype(np.float32),
+        mix_box=_list_column(rows, "mix_box").astype(np.int32),
+    )
+
+
+def soft_targets(table_slice: pa.Table, num_classes: int) -> torch.Tensor:
+    """fp32 teacher logits ``[B, K]`` of the rows (top-k: the tail filled with rest_value)."""
+    names = table_slice.column_names
+    if "logits" in names:
+        logits = _list_column(table_slice, "logits")
+        if logits.shape[1] != num_classes:
+            raise ValueError(f"stored logits have {logits.shape[1]} classes, "
+                             f"expected {num_classes}")
+        return torch.from_numpy(logits.astype(np.float32))
+    if "topk_index" not in names:
+        raise ValueError("soft-label table has neither 'logits' nor 'topk_index' columns")
+    index = _list_column(table_slice, "topk_index").astype(np.int64)
+    value = _list_column(table_slice, "topk_value").astype(np.float32)
+    if index.size and (index.min() < 0 or index.max() >= num_classes):
+        raise ValueError(f"stored top-k index outside [0, {num_classes})")
+    rest = _column(table_slice, "rest_value").astype(np.float32)
+    out = np.repeat(rest[:, None], num_classes, axis=1)
+    np.put_along_axis(out, index, value, axis=1)
+    return torch.from_numpy(out)

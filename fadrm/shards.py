@@ -1,0 +1,140 @@
+"""Arrow shards with checksums: the on-storage form of every stage's output.
+
+A shard is one Arrow IPC file (zstd-compressed record batches) plus a small JSON sidecar
+``<shard>.json`` holding its sha256, row count and size. The sidecar is written after the
+shard, so "the sidecar exists" means "the unit is complete"; readers verify the checksum
+and raise :class:`ShardCorruptError` on any mismatch, so a truncated or altered shard is
+never used silently.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import torch
+
+from fadrm import storage
+
+__all__ = [
+    "ShardCorruptError",
+    "write_artifact",
+    "read_artifact",
+    "write_table",
+    "read_table",
+    "shard_info",
+    "is_complete",
+    "images_table",
+    "table_images",
+    "write_json",
+    "read_json",
+]
+
+
+class ShardCorruptError(IOError):
+    """A shard's bytes do not match its recorded checksum (or it cannot be parsed)."""
+
+
+def _sidecar(uri: str) -> str:
+    return uri + ".json"
+
+
+def write_artifact(uri: str, data: bytes, **extra) -> dict:
+    """Write ``data`` atomically, then its checksum sidecar (which marks it complete)."""
+    info = {"sha256": storage.sha256_bytes(data), "bytes": len(data), **extra}
+    storage.write_bytes_atomic(uri, data)
+    storage.write_bytes_atomic(_sidecar(uri), json.dumps(info).encode())
+    return info
+
+
+def read_artifact(uri: str) -> bytes:
+    """Read bytes written by :func:`write_artifact`, verifying the checksum."""
+    data = storage.read_bytes(uri)
+    info = shard_info(uri)
+    if info is None:
+        raise ShardCorruptError(f"{uri}: no checksum sidecar (incomplete write)")
+    digest = storage.sha256_bytes(data)
+    if digest != info["sha256"]:
+        raise ShardCorruptError(
+            f"{uri}: sha256 {digest[:12]}... does not match recorded {info['sha256'][:12]}..."
+        )
+    return data
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """``table`` as a zstd-compressed Arrow IPC file."""
+    sink = pa.BufferOutputStream()
+    options = ipc.IpcWriteOptions(compression="zstd")
+    with ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def write_table(uri: str, table: pa.Table) -> dict:
+    """Write ``table`` atomically, then its sidecar; returns the sidecar info."""
+    return write_artifact(uri, table_bytes(table), rows=table.num_rows)
+
+
+def shard_info(uri: str) -> dict | None:
+    """The sidecar of a complete shard, or None when the unit is not done."""
+    try:
+        return json.loads(storage.read_bytes(_sidecar(uri)))
+    except FileNotFoundError:
+        return None
+
+
+def is_complete(uri: str) -> bool:
+    return storage.exists(_sidecar(uri))
+
+
+def read_table(uri: str, verify: bool = True) -> pa.Table:
+    """Read a shard, verifying its sha256 against the sidecar."""
+    data = read_artifact(uri) if verify else storage.read_bytes(uri)
+    try:
+        return ipc.open_file(pa.py_buffer(data)).read_all()
+    except pa.ArrowInvalid as exc:
+        raise ShardCorruptError(f"{uri}: not a readable Arrow file: {exc}") from exc
+
+
+def write_json(uri: str, obj: dict) -> None:
+    storage.write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def read_json(uri: str) -> dict:
+    return json.loads(storage.read_bytes(uri))
+
+
+# --------------------------------------------------------------------------- image shards
+
+
+def images_table(images: torch.Tensor, labels: list[int], ids: list[int]) -> pa.Table:
+    """uint8 images [N, C, H, W] with their labels and distilled-image ids -> Table."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"image shards hold uint8 pixels, got {images.dtype}")
+    n, c, h, w = images.shape
+    flat = images.contiguous().view(n, -1).numpy()
+    pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.uint8()), c * h * w)
+    schema = pa.schema(
+        [("image_id", pa.int32()), ("label", pa.int32()), ("pixels", pixels.type)],
+        metadata={"shape": json.dumps([c, h, w])},
+    )
+    return pa.Table.from_arrays(
+        [pa.array(ids, pa.int32()), pa.array(labels, pa.int32()), pixels], schema=schema
+    )
+
+
+def table_images(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`images_table`: (images uint8 [N,C,H,W], labels, image ids)."""
+    c, h, w = json.loads(table.schema.metadata[b"shape"])
+    pixels = table.column("pixels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    images = torch.from_numpy(np.ascontiguousarray(pixels).reshape(-1, c, h, w))
+    labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
+    ids = torch.from_numpy(table.column("image_id").to_numpy().astype(np.int64))
+    return images, labels, ids
+
+
+def table_nbytes(table: pa.Table) -> int:
+    """Bytes of ``table`` as a compressed IPC file (what a shard costs on storage)."""
+    return len(table_bytes(table))

@@ -1,0 +1,365 @@
+"""Data residual matching: optimise the pixels of initial images against frozen teachers.
+
+Loss per iteration: ``CE(teacher(aug(x)), y) + r_bn * sum_l m_l (||mu_l - rm_l|| + ||var_l - rv_l||)``
+over the inputs of every BatchNorm2d layer. Around it: multi-resolution stages (MRO) with a
+fresh Adam per stage under one cosine schedule, the adjustable residual connection (ARC)
+``x <- alpha x + (1 - alpha) resample(P)`` at inner stage boundaries, mixed precision
+(MPT), and round-robin teachers (FADRM+). Baselines are the same loop with other
+:class:`~fadrm.config.MethodSpec` flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fadrm.amp import autocast, grad_scaler
+from fadrm.config import RecoverConfig
+from fadrm.data import pixel_bounds
+
+__all__ = [
+    "BNStatLoss",
+    "RecoverResult",
+    "augment",
+    "cosine_lr",
+    "recover",
+    "resample",
+]
+
+_PROGRESS_EVERY = 10
+_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))  # torchvision's RandomResizedCrop ratio
+_CROP_ATTEMPTS = 10
+
+
+# --------------------------------------------------------------------------- BN statistics
+
+
+class BNStatLoss:
+    """Distance of BatchNorm input statistics from the layers' running statistics.
+
+    Forward hooks on every ``nn.BatchNorm2d`` (module order) record, for the last forward,
+    ``m_l * (||mean - running_mean||_2 + ||var - running_var||_2)`` where mean and biased
+    variance are taken over (N, H, W) of the layer's *input*, in fp32 even under autocast.
+    ``m_l`` is ``first_multiplier`` for the first BN layer and 1 for the rest. Use as a
+    context manager or with :meth:`attach` / :meth:`remove`.
+    """
+
+    def __init__(self, model: nn.Module, first_multiplier: float = 10.0):
+        self.model = model
+        self.first_multiplier = float(first_multiplier)
+        # A BN layer without running statistics has no target to match: skipped.
+        self.layers = [
+            m for m in model.modules()
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None
+        ]
+        self._terms: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def attach(self) -> BNStatLoss:
+        if self._handles:
+            return self
+        # A pre-hook on the whole model clears the previous forward's terms.
+        self._handles.append(self.model.register_forward_pre_hook(self._reset))
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(self._hook(index)))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> BNStatLoss:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _reset(self, *_: object) -> None:
+        self._terms = [None] * len(self.layers)
+
+    def _hook(self, index: int) -> Callable:
+        weight = self.first_multiplier if index == 0 else 1.0
+
+        def hook(module: nn.BatchNorm2d, inputs: tuple, _output: object) -> None:
+            x = inputs[0].float()
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+            term = torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(
+                var - module.running_var
+            )
+            self._terms[index] = term * weight if weight != 1.0 else term
+
+        return hook
+
+    def terms(self) -> list[torch.Tensor]:
+        """Weighted per-layer terms of the last forward (layers that ran, module order)."""
+        return [t for t in self._terms if t is not None]
+
+    def loss(self) -> torch.Tensor:
+        """Sum of the weighted terms of the last forward; 0 for a teacher without BN."""
+        terms = self.terms()
+        if not terms:
+            return torch.zeros(())
+        return torch.stack(terms).sum()
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _crop_boxes(
+    batch: int, height: int, width: int, scale: list[float] | tuple[float, float],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample RandomResizedCrop boxes (torchvision's rule, continuous sizes).
+
+    Returns centre x, centre y, width, height in pixels, each ``[batch]``. Ten attempts per
+    sample; the first that fits wins; if none fits, the whole image (ratio-clamped) is used.
+    """
+    lo, hi = float(scale[0]), float(scale[1])
+    shape = (batch, _CROP_ATTEMPTS)
+    area = height * width * (lo + (hi - lo) * torch.rand(shape, generator=generator))
+    ratio = torch.exp(_LOG_RATIO[0] + (_LOG_RATIO[1] - _LOG_RATIO[0])
+                      * torch.rand(shape, generator=generator))
+    w = torch.sqrt(area * ratio)
+    h = torch.sqrt(area / ratio)
+    fits = (w <= width) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+
+    in_ratio = width / height
+    if in_ratio < 3 / 4:
+        full_w, full_h = float(width), width / (3 / 4)
+    elif in_ratio > 4 / 3:
+        full_w, full_h = height * (4 / 3), float(height)
+    else:
+        full_w, full_h = float(width), float(height)
+    any_fit = fits.any(dim=1)
+    w = torch.where(any_fit, w, torch.full_like(w, full_w))
+    h = torch.where(any_fit, h, torch.full_like(h, full_h))
+
+    offsets = torch.rand(batch, 2, generator=generator)
+    cx = offsets[:, 0] * (width - w) + w / 2
+    cy = offsets[:, 1] * (height - h) + h / 2
+    return cx, cy, w, h
+
+
+def augment(
+    x: torch.Tensor,
+    size: int,
+    crop_scale: list[float] | tuple[float, float],
+    flip: bool,
+    jitter: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Per-sample random resized crop + flip + cyclic shift, differentiable w.r.t. ``x``.
+
+    Crop and flip are one affine sampling grid per sample (bilinear, align_corners=False);
+    the cyclic shift (``torch.roll`` semantics, ``|shift| <= jitter`` per axis) permutes the
+    grid's rows and columns, so the whole augmentation is a single ``grid_sample``. All
+    randomness comes from the CPU ``generator``, so results do not depend on the device.
+    """
+    batch, channels, height, width = x.shape
+    cx, cy, w, h = _crop_boxes(batch, height, width, crop_scale, generator)
+    sign = torch.ones(batch)
+    if flip:
+        flips = torch.rand(batch, generator=generator) < 0.5
+        sign = torch.where(flips, -1.0, 1.0)
+
+    # Output [-1, 1] -> input box: x_in = sx * x_out + tx in normalised coordinates.
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = sign * w / width
+    theta[:, 0, 2] = 2 * cx / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = 2 * cy / height - 1
+    theta = theta.to(x.device, x.dtype)
+    grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)
+
+    if jitter > 0:
+        shifts = torch.randint(-jitter, jitter + 1, (batch, 2), generator=generator)
+        # roll: out[i] = in[(i - shift) mod n]; applied to the grid it rolls the output.
+        base = torch.arange(size)
+        rows = (base[None, :] - shifts[:, 1:2]) % size
+        cols = (base[None, :] - shifts[:, 0:1]) % size
+        index = torch.arange(batch)[:, None, None]
+        device = x.device
+        grid = grid[index.to(device), rows[:, :, None].to(device), cols[:, None, :].to(device)]
+
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize to ``size x size`` (anti-aliased when shrinking); identity if equal."""
+    height, width = x.shape[-2:]
+    if (height, width) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < min(height, width))
+
+
+def cosine_lr(base_lr: float, step: int, total: int) -> float:
+    """One cosine decay from ``base_lr`` at step 0 to 0 at ``total``."""
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+# --------------------------------------------------------------------------- recover
+
+
+@dataclass
+class RecoverResult:
+    """Output of :func:`recover`."""
+
+    images: torch.Tensor
+    """Normalised float32 ``[B, C, H, W]`` at the data resolution (on the CPU)."""
+    losses: list[float] = field(default_factory=list)
+    """Total loss of every iteration."""
+    stage_resolutions: list[int] = field(default_factory=list)
+    """Resolution actually used by each stage."""
+
+
+StageHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def _frozen(models: list[nn.Module]) -> Iterator[None]:
+    """Eval mode, no parameter gradients; the previous state is restored afterwards."""
+    saved = [(m.training, [p.requires_grad for p in m.parameters()]) for m in models]
+    for m in models:
+        m.eval()
+        m.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, (training, flags) in zip(models, saved):
+            m.train(training)
+            for p, flag in zip(m.parameters(), flags):
+                p.requires_grad_(flag)
+
+
+def _stages(cfg: RecoverConfig, image_size: int) -> list[tuple[int, int]]:
+    """(resolution, iterations) per stage; single-resolution methods get one stage."""
+    if cfg.spec.multi_resolution:
+        return list(zip(cfg.resolutions, cfg.stage_iterations))
+    return [(image_size, cfg.total_iterations)]
+
+
+def _check_finite(log: torch.Tensor, start: int, stop: int) -> None:
+    """Raise on the first non-finite loss in ``log[start:stop]`` (one host sync)."""
+    chunk = log[start:stop]
+    if not bool(torch.isfinite(chunk).all()):
+        bad = start + int((~torch.isfinite(chunk)).nonzero()[0, 0])
+        raise RuntimeError(
+            f"recover: non-finite loss {float(log[bad])} at iteration {bad}; "
+            "try a lower recover.lr or disable mixed precision"
+        )
+
+
+def recover(
+    init: torch.Tensor,
+    labels: torch.Tensor,
+    teachers: list[nn.Module],
+    cfg: RecoverConfig,
+    mean: list[float],
+    std: list[float],
+    image_size: int,
+    seed: int,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+    residual_source: torch.Tensor | None = None,
+    on_stage_end: StageHook | None = None,
+) -> RecoverResult:
+    """Optimise the pixels of ``init`` (normalised fp32 ``[B, C, H, W]``) for ``labels``.
+
+    Teachers must already be on ``device``; they are frozen and in eval mode while this runs
+    (their state is restored afterwards) and are used round-robin, one per iteration.
+    ``residual_source`` is P for ARC (default: ``init``). ``on_stage_end(stage, before,
+    after)`` is called at the end of every stage with detached copies of x before and after
+    the residual step (equal tensors where no residual applies). Deterministic for a seed
+    on the CPU.
+    """
+    spec = cfg.spec
+    if init.dim() != 4 or labels.shape != (init.shape[0],):
+        raise ValueError(
+            f"recover: init must be [B, C, H, W] with one label each, got init "
+            f"{tuple(init.shape)} and labels {tuple(labels.shape)}"
+        )
+    if not spec.optimize:
+        return RecoverResult(images=init.detach().float().cpu().clone())
+    if not teachers:
+        raise ValueError(f"recover: method {cfg.method!r} needs at least one teacher")
+
+    stages = _stages(cfg, image_size)
+    total = sum(n for _, n in stages)
+    lower, upper = (b.to(device) for b in pixel_bounds(mean, std))
+    labels = labels.to(device, torch.long)
+    source = (init if residual_source is None else residual_source).detach().to(device).float()
+    generator = torch.Generator().manual_seed(seed)
+    scaler = grad_scaler(device, spec.mixed_precision)
+    # Losses stay on the device; finiteness is checked at progress points so the loop does
+    # not wait for the device every iteration.
+    log = torch.zeros(total, device=device)
+    use_bn = cfg.r_bn > 0
+    bn_losses = [BNStatLoss(t, cfg.first_bn_multiplier) for t in teachers]
+
+    x = init.detach().to(device, torch.float32)
+    step = 0
+    checked = 0
+    with _frozen(teachers), contextlib.ExitStack() as hooks:
+        if use_bn:
+            for bn in bn_losses:
+                hooks.enter_context(bn)
+        for stage, (resolution, iterations) in enumerate(stages):
+            x = resample(x.detach(), resolution).clone().requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
+            for _ in range(iterations):
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(cfg.lr, step, total)
+                k = step % len(teachers)
+                view = augment(x, resolution, cfg.crop_scale, cfg.flip, cfg.jitter, generator)
+                with autocast(device, spec.mixed_precision):
+                    logits = teachers[k](view)
+                loss = F.cross_entropy(logits.float(), labels)
+                if use_bn and bn_losses[k].num_layers:
+                    loss = loss + cfg.r_bn * bn_losses[k].loss()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                with torch.no_grad():
+                    x.clamp_(lower, upper)
+                log[step] = loss.detach()
+                step += 1
+                if step % _PROGRESS_EVERY == 0 or step == total:
+                    _check_finite(log, checked, step)
+                    checked = step
+                    if progress is not None:
+                        progress(step, total)
+
+            with torch.no_grad():
+                before = x.detach()
+                after = before
+                if spec.residual and stage < len(stages) - 1:
+                    after = cfg.alpha * before + (1 - cfg.alpha) * resample(source, resolution)
+                if on_stage_end is not None:
+                    on_stage_end(stage, before.clone(), after.clone())
+                x = after
+
+    _check_finite(log, checked, total)
+    if progress is not None and total == 0:
+        progress(0, 0)
+    images = resample(x.detach(), image_size).float().cpu().clone()
+    return RecoverResult(
+        images=images,
+        losses=log.cpu().tolist(),
+        stage_resolutions=[r for r, _ in stages],
+    )

@@ -1,0 +1,1 @@
+"""Thin Ray entrypoints: build Ray Train trainers and call the `fadrm` library."""

@@ -1,0 +1,61 @@
+"""Ray entrypoint: ``python -m ray_jobs.distill --config FILE [--set key=value ...]``.
+
+Connects to the Ray cluster named by ``execution.address`` (or ``RAY_ADDRESS``, as set by
+``ray job submit``), or starts an embedded local Ray instance, and runs the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from fadrm.config import ConfigError, load_config
+
+
+def connect(address: str | None, threads: int, max_workers: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Embedded instance: enough CPUs for the worker range even on a small machine
+        # (workers are mostly single-threaded; oversubscribing 2 cores is fine).
+        cpus = max(os.cpu_count() or 1, threads * max_workers + 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+                 configure_logging=True, logging_level=logging.WARNING)
+
+
+def run(cfg, show_progress: bool = True) -> dict:
+    from fadrm.pipeline import run_pipeline
+    from ray_jobs.executor import RayTrainExecutor
+
+    connect(cfg.execution.address, cfg.execution.threads_per_worker, cfg.execution.max_workers)
+    return run_pipeline(cfg, RayTrainExecutor(cfg), show_progress=show_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.distill", description=__doc__)
+    parser.add_argument("--config", required=True, help="run config YAML (or a preset name)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key, e.g. recover.alpha=0.4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    from fadrm.cli import print_summary
+
+    metrics = run(cfg, show_progress=sys.stderr.isatty())
+    print_summary(cfg, metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

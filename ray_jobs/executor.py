@@ -1,0 +1,157 @@
+"""Run pipeline stages as Ray Train jobs.
+
+Unit stages (select, recover, relabel): a ``UnitQueue`` actor holds the stage's pending
+units and every Ray Train worker pulls the next one until none are left, so a worker that
+joins or leaves changes speed, not results (a unit's bytes depend only on its id).
+Collective stages (teacher and student training) run once on all workers, as DDP.
+
+When Ray Train restarts a failed worker group, the new group announces a fresh
+*generation*; units that the old group had taken but not finished go back to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import deque
+
+import ray
+import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from fadrm.pipeline import Stage, StageProgress, WorkerContext
+
+log = logging.getLogger("ray_jobs.executor")
+
+
+@ray.remote(num_cpus=0)
+class UnitQueue:
+    """Pending units of one stage, handed out one at a time."""
+
+    def __init__(self, units: list[str]):
+        self.pending = deque(units)
+        self.in_flight: dict[str, str] = {}  # unit -> generation that took it
+        self.inner: dict[str, float] = {}  # unit -> fraction done
+        self.done: set[str] = set()
+        self.generation: str | None = None
+
+    def enter(self, generation: str) -> None:
+        if generation == self.generation:
+            return
+        # A new worker group: whatever the previous one had in flight is orphaned.
+        for unit in sorted(self.in_flight, reverse=True):
+            self.pending.appendleft(unit)
+        self.in_flight.clear()
+        self.inner.clear()
+        self.generation = generation
+
+    def next(self, generation: str) -> str | None:
+        if generation != self.generation or not self.pending:
+            return None
+        unit = self.pending.popleft()
+        self.in_flight[unit] = generation
+        return unit
+
+    def report(self, unit: str, fraction: float) -> None:
+        if unit in self.in_flight:
+            self.inner[unit] = fraction
+
+    def finish(self, unit: str) -> None:
+        self.in_flight.pop(unit, None)
+        self.inner.pop(unit, None)
+        self.done.add(unit)
+
+    def progress(self) -> float:
+        return len(self.done) + sum(self.inner.values())
+
+
+def _worker_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.collective
+    import ray.train.torch
+
+    stage: Stage = config["stage"]
+    queue = config["queue"]
+    torch.set_num_threads(config["threads"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    generation = ray.train.collective.broadcast_from_rank_zero(uuid.uuid4().hex)
+    ray.get(queue.enter.remote(generation))
+    ctx = WorkerContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
+
+    if stage.collective:
+        state = stage.setup(ctx)
+        for unit in config["units"]:
+            if rank == 0:
+                ctx.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
+                ray.get(queue.next.remote(generation))
+            stage.run_unit(state, unit, ctx)
+            ray.train.collective.barrier()
+            if rank == 0:
+                ray.get(queue.finish.remote(unit))
+        return
+
+    state = None
+    while (unit := ray.get(queue.next.remote(generation))) is not None:
+        if state is None:  # load data/teachers only once there is work for this worker
+            state = stage.setup(ctx)
+        ctx.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
+        stage.run_unit(state, unit, ctx)
+        ray.get(queue.finish.remote(unit))
+
+
+class RayTrainExecutor:
+    """Runs each stage with a Ray Train ``TorchTrainer`` on the connected Ray cluster."""
+
+    def __init__(self, cfg, storage_path: str | None = None):
+        self.exe = cfg.execution
+        self.storage_path = storage_path
+
+    def _use_gpu(self) -> bool:
+        if self.exe.use_gpu is not None:
+            return self.exe.use_gpu
+        return ray.cluster_resources().get("GPU", 0) > 0
+
+    def run_stage(self, stage: Stage, pending: list[str], progress: StageProgress) -> None:
+        queue = UnitQueue.remote(pending)
+        # More workers than units would only idle; collective stages use the full range.
+        hi = self.exe.max_workers if stage.collective else min(self.exe.max_workers, len(pending))
+        lo = min(self.exe.min_workers, hi)
+        num_workers = hi if lo == hi else (lo, hi)
+        use_gpu = self._use_gpu()
+        resources = {"CPU": self.exe.threads_per_worker}
+        if use_gpu:
+            resources["GPU"] = 1
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={"stage": stage, "queue": queue, "units": pending,
+                               "threads": self.exe.threads_per_worker},
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=f"fadrm-{stage.name}-{stage.key.key}-{uuid.uuid4().hex[:6]}",
+                storage_path=self.storage_path,
+                failure_config=FailureConfig(max_failures=self.exe.max_failures),
+            ),
+        )
+        stop = threading.Event()
+
+        def poll() -> None:
+            # Refreshes the driver's progress bar; results never depend on this thread.
+            while not stop.wait(0.5):
+                try:
+                    progress.update(ray.get(queue.progress.remote(), timeout=5))
+                except Exception:  # noqa: BLE001 - display only
+                    pass
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            trainer.fit()
+        finally:
+            stop.set()
+            poller.join()
+            progress.update(ray.get(queue.progress.remote()))
+            ray.kill(queue)
