@@ -217,6 +217,7 @@ def _resolve(name: str) -> tuple[str, str]:
         if _SOURCES[src].has(bare):
             return src, bare
     all_names = [n for s in _SOURCES.values() for n in s.names()]
+    all_names = list(dict.fromkeys(all_names))  # timm and torchvision share names
     close = difflib.get_close_matches(name.partition(":")[2] or name, all_names, n=5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(

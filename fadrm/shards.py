@@ -129,7 +129,7 @@ def table_images(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """Inverse of :func:`images_table`: (images uint8 [N,C,H,W], labels, image ids)."""
     c, h, w = json.loads(table.schema.metadata[b"shape"])
     pixels = table.column("pixels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    images = torch.from_numpy(np.ascontiguousarray(pixels).reshape(-1, c, h, w))
+    images = torch.from_numpy(np.array(pixels, dtype=np.uint8).reshape(-1, c, h, w))
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     ids = torch.from_numpy(table.column("image_id").to_numpy().astype(np.int64))
     return images, labels, ids

@@ -161,8 +161,11 @@ def train_student(
             # This rank's part of the full batch's mean KL; ranks' parts add up to it.
             loss_total += share * kl_sum.detach().double().cpu() / full
         if world > 1:
-            loss_total = loss_total.to(device)
-            dist.all_reduce(loss_total)
+            # NCCL reduces only device tensors; gloo handles CPU ones.
+            on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+            reduced = loss_total.to(on)
+            dist.all_reduce(reduced)
+            loss_total = reduced.cpu()
         epoch_loss = float(loss_total) / len(slices)
 
         entry: dict = {"epoch": epoch, "top1": None, "top5": None, "loss": epoch_loss, "lr": lr}

@@ -341,3 +341,24 @@ def test_recover_lowers_its_loss_on_a_trained_teacher(method):
     tenth = len(res.losses) // 10
     first, last = res.losses[:tenth], res.losses[-tenth:]
     assert sum(last) / tenth < sum(first) / tenth
+
+
+def test_fresh_adam_per_stage_under_one_cosine_schedule(monkeypatch):
+    created: list[torch.optim.Optimizer] = []
+    lrs: list[float] = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+        def step(self, closure=None):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    cfg = cfg_for("fadrm", [8, 6, 8], [3, 2, 3])
+    recover(init_images(size=8), torch.arange(4), [tiny_teacher()], cfg, MEAN, STD, 8, 0, CPU)
+    assert len(created) == 3  # Adam state is reset at every stage
+    assert all(opt.defaults["betas"] == (0.5, 0.9) for opt in created)
+    assert lrs == pytest.approx([cosine_lr(cfg.lr, t, 8) for t in range(8)])

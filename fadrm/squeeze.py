@@ -1,0 +1,189 @@
+"""Squeeze: train a teacher on the real data (when no pretrained weights are given).
+
+Plain supervised training: SGD with Nesterov momentum (no weight decay on biases and norm
+parameters), a short linear warmup into one cosine schedule, label-smoothed cross-entropy,
+and standard augmentation applied to whole uint8 batches on the device (padded random crop
+for small images, RandomResizedCrop for large ones, horizontal flip). Shuffling and
+augmentation come from seeded generators, so a seed reproduces the run.
+
+Under ``torch.distributed`` (world size > 1) the model is wrapped in DDP and every rank
+takes a strided share of the same per-epoch permutation; ``cfg.batch_size`` is the global
+batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fadrm.amp import autocast, grad_scaler
+from fadrm.config import DataConfig, SqueezeConfig
+from fadrm.data import ImageSet, normalize
+from fadrm.metrics import evaluate
+
+__all__ = ["train_teacher", "augment_batch", "lr_at", "SMALL_IMAGE_MAX"]
+
+SMALL_IMAGE_MAX = 64
+"""Images up to this size get padded random crops; larger ones RandomResizedCrop."""
+_PAD = 4  # pixels of (reflected) padding for the small-image random crop
+_RRC_SCALE = (0.35, 1.0)
+_RRC_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
+# Whole data sets up to this size are copied to the GPU once instead of batch by batch.
+_DEVICE_CACHE_BYTES = 2 << 30
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from ``base`` to 0 at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop + horizontal flip of a normalised float batch [N, C, H, W].
+
+    One affine resampling per image does crop, resize and flip together on the device:
+    <= 64 px a shift of up to 4 pixels with reflected borders (the padded random crop),
+    larger images a RandomResizedCrop (area 0.35-1, aspect 3/4-4/3). The parameters are drawn
+    on the CPU from ``generator``, so they do not depend on the device.
+    """
+    n, _, h, w = x.shape
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    if max(h, w) <= SMALL_IMAGE_MAX:
+        # Whole-pixel shifts: affine_grid's unit is half the image, so one pixel is 2 / size.
+        shift = torch.randint(-_PAD, _PAD + 1, (n, 2), generator=generator).float()
+        theta[:, 0, 0] = flip
+        theta[:, 1, 1] = 1.0
+        theta[:, 0, 2] = 2 * shift[:, 0] / w
+        theta[:, 1, 2] = 2 * shift[:, 1] / h
+    else:
+        area = torch.empty(n).uniform_(*_RRC_SCALE, generator=generator)
+        log_ratio = torch.empty(n).uniform_(*_RRC_LOG_RATIO, generator=generator)
+        ratio = torch.exp(log_ratio)
+        bw = torch.sqrt(area * ratio).clamp(max=1.0)  # box size as a fraction of the side
+        bh = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - bw)
+        cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - bh)
+        theta[:, 0, 0] = bw * flip
+        theta[:, 1, 1] = bh
+        theta[:, 0, 2] = cx
+        theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Weight decay only on weight matrices and filters; biases and norm scales/shifts
+    # (all 1-d) are left alone, as decaying them only hurts.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_teacher(
+    model: nn.Module,
+    train: ImageSet,
+    val: ImageSet,
+    cfg: SqueezeConfig,
+    data_cfg: DataConfig,
+    device: torch.device,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
+    """Train ``model`` in place on ``train``; returns top-1 (%) on ``val`` (nan if empty).
+
+    ``progress(step_done, total_steps)`` is called after every step, on every rank. The
+    model is left in eval mode.
+    """
+    if len(train) == 0:
+        raise ValueError("squeeze: the training set is empty")
+    rank, world = _world()
+    model.to(device).train()
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    local_batch = max(1, cfg.batch_size // world)
+    # Every rank must run the same number of steps (DDP synchronises each one): use an
+    # equal share of each epoch and drop the last partial batch.
+    per_rank = len(train) // world
+    steps_per_epoch = max(1, per_rank // local_batch)
+    total = cfg.epochs * steps_per_epoch
+    warmup = max(1, min(steps_per_epoch, total // 10))
+
+    optimizer = torch.optim.SGD(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+        nesterov=cfg.momentum > 0,
+    )
+    scaler = grad_scaler(device, cfg.mixed_precision)
+    # Same permutation on every rank; augmentation differs per rank.
+    order_gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed * 7919 + 1 + rank)
+
+    images, labels = train.images, train.labels
+    if device.type == "cuda" and images.numel() * images.element_size() <= _DEVICE_CACHE_BYTES:
+        images, labels = images.to(device), labels.to(device)
+
+    step = 0
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(len(train), generator=order_gen)[rank::world][:per_rank]
+        for i in range(steps_per_epoch):
+            idx = perm[i * local_batch : (i + 1) * local_batch].to(images.device)
+            x = normalize(images[idx].to(device, non_blocking=True), data_cfg.mean, data_cfg.std)
+            y = labels[idx].to(device, non_blocking=True)
+            x = augment_batch(x, aug_gen)
+            lr = lr_at(step, total, warmup, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device, cfg.mixed_precision):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            _check_finite(loss, epoch, cfg.epochs, i, steps_per_epoch, lr, world)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            if progress is not None:
+                progress(step, total)
+
+    model.eval()
+    if len(val) == 0:
+        return math.nan
+    top1, _ = evaluate(model, val, data_cfg.mean, data_cfg.std, device,
+                       mixed_precision=cfg.mixed_precision)
+    return top1
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, epochs: int, step: int, steps: int,
+                  lr: float, world: int) -> None:
+    """Stop early on a diverged loss; under DDP all ranks agree, so none is left waiting."""
+    value = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(value)
+    if not torch.isfinite(value):
+        raise RuntimeError(
+            f"squeeze: non-finite loss ({value.item()}) at epoch {epoch + 1}/{epochs}, "
+            f"step {step + 1}/{steps} (lr {lr:.4g}); try a lower squeeze.lr"
+        )
