@@ -28,10 +28,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 # versions the package is tested with (PyPI's default wheels are the CUDA 13.0 builds).
 RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1
 
-# Layer 2: the runtime dependencies listed in pyproject.toml ([project].dependencies only:
-# no test extras), read with tomllib. Rebuilt only when pyproject.toml changes.
+# Layer 2: the runtime dependencies listed in pyproject.toml: [project].dependencies plus
+# the `k8s` extra (the Kubernetes client of the `fadrm watch` CronJob), no test extras;
+# read with tomllib. Rebuilt only when pyproject.toml changes.
 COPY --chown=1000:100 pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/fadrm-requirements.txt', 'w').write(chr(10).join(deps))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['k8s']; open('/tmp/fadrm-requirements.txt', 'w').write(chr(10).join(deps))" \
     && pip install --no-cache-dir -r /tmp/fadrm-requirements.txt \
     && rm /tmp/fadrm-requirements.txt
 

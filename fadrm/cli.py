@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
+    from fadrm.watch import add_watch_arguments, run_watch
+
+    p = sub.add_parser("watch", help="submit a re-distillation job when any stage is stale "
+                       "(teacher, data or config changed); for schedulers")
+    add_watch_arguments(p)
+    p.set_defaults(func=run_watch)
+
     p = sub.add_parser("presets", help="list the shipped config presets")
     p.set_defaults(func=cmd_presets)
     return parser

@@ -336,6 +336,9 @@ class ExecutionConfig:
     """Ray Train FailureConfig(max_failures=...)."""
     device: str = "auto"
     """'auto', 'cpu' or 'cuda' for in-process work."""
+    verify_outputs: bool = True
+    """Check every complete output's sha256 before a run (False: sizes only); damaged
+    outputs are discarded and regenerated."""
 
     def validate(self, p: str) -> None:
         _positive(self.min_workers, f"{p}.min_workers")

@@ -401,9 +401,9 @@ def _scan_folder(root: str) -> tuple[list[str], list[_File]]:
          for cls, rel, e in found),
         key=lambda f: f.rel,
     )
-    counts = {f.label for f in files}
+    labels_seen = {f.label for f in files}
     for name in names:
-        if label_of[name] not in counts:
+        if label_of[name] not in labels_seen:
             raise DataError(
                 f"class folder {storage.join(root, name)} contains no images "
                 f"({', '.join(IMAGE_EXTENSIONS)})"
@@ -420,7 +420,7 @@ def _decode(file: _File, size: int, mode: str) -> np.ndarray:
         img.draft(mode, (size, size))
         img = img.convert(mode)  # forces the full decode: truncated data raises here
         img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
 
 
 def _decode_all(
@@ -458,7 +458,9 @@ def _decode_all(
     return out[ok], skipped
 
 
-def _holdout(files: list[_File], cfg: DataConfig, class_names: list[str]) -> tuple[list[_File], list[_File]]:
+def _holdout(
+    files: list[_File], cfg: DataConfig, class_names: list[str],
+) -> tuple[list[_File], list[_File]]:
     """Split ``files`` into (train, val) with ``val_per_class`` held-out images per class."""
     per_class = _order_per_class([f.label for f in files], [f.rel for f in files],
                                  cfg.split_seed)
@@ -582,3 +584,15 @@ def data_fingerprint(cfg: DataConfig) -> str:
         h.update(f"\n{name}={getattr(cfg, name)!r}".encode())
     h.update(f"\nval_root={bool(cfg.val_root)}".encode())
     return h.hexdigest()
+
+
+def class_names(cfg: DataConfig) -> list[str]:
+    """The class names, without decoding images (for planning work units)."""
+    if cfg.kind == "imagefolder":
+        return _scan_folder(cfg.root)[0]
+    _, labels_base = IDX_FILES["train"]
+    uri = _idx_uri(cfg.root, labels_base)
+    label_bytes = _decompress(storage.read_bytes(uri), uri)
+    labels = parse_idx(label_bytes, uri)
+    digest = hashlib.sha256(label_bytes).hexdigest()
+    return _idx_classes(cfg.root, int(labels.max()) + 1 if len(labels) else 0, {digest})

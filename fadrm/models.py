@@ -146,7 +146,8 @@ def _create_builtin(name: str, num_classes: int, in_chans: int, image_size: int,
 def _timm_has(name: str) -> bool:
     import timm
 
-    return timm.is_model(name)
+    # Hub references are resolved by timm itself when the model is created.
+    return name.startswith("hf-hub:") or timm.is_model(name)
 
 
 def _timm_create(name: str, num_classes: int, in_chans: int, image_size: int,
@@ -230,7 +231,9 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, image_size: int
                  small_stem: bool | None = None, pretrained: bool = False) -> nn.Module:
     """Build a classifier by name (built-in, then timm, then torchvision).
 
-    ``small_stem`` None means: use the small-image stem when ``image_size <= 64``.
+    ``small_stem`` None means: use the small-image stem when ``image_size <= 64``. Built-in
+    models are small-image networks already and are never changed; they size their
+    classifier from ``image_size``.
     """
     src, bare = _resolve(name)
     source = _SOURCES[src]

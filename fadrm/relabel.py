@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -37,16 +38,16 @@ from fadrm.data import normalize
 
 __all__ = [
     "Views",
-    "make_views",
     "apply_views",
-    "view_batch",
     "ensemble_logits",
-    "teacher_bn_mode",
+    "epoch_table",
+    "make_views",
     "relabel_epochs",
     "soft_label_schema",
-    "epoch_table",
-    "views_from_table",
     "soft_targets",
+    "teacher_bn_mode",
+    "view_batch",
+    "views_from_table",
 ]
 
 # RandomResizedCrop's aspect-ratio range and retry count (as torchvision).
@@ -103,7 +104,7 @@ class Views:
             return
         starts = np.flatnonzero(np.diff(self.batch)) + 1
         bounds = [0, *starts.tolist(), len(self)]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             yield slice(lo, hi)
 
     def batches(self) -> Iterator[Views]:
@@ -164,7 +165,7 @@ def make_views(
     mix_partner = np.full(n, -1, dtype=np.int32)
     mix_lam = np.ones(n, dtype=np.float32)
     mix_box = np.zeros((n, 4), dtype=np.int32)
-    for b, start in enumerate(range(0, n, bs)):
+    for start in range(0, n, bs):
         size = min(bs, n - start)
         lam = rng.beta(cfg.cutmix_beta, cfg.cutmix_beta)
         partner = rng.permutation(size)
@@ -331,7 +332,7 @@ def ensemble_logits(
         coef = torch.softmax(torch.tensor(list(weights), dtype=torch.float64) / 10.0, 0).float()
     x = x.to(device)
     total: torch.Tensor | None = None
-    for teacher, c in zip(teachers, coef.tolist()):
+    for teacher, c in zip(teachers, coef.tolist(), strict=True):
         with teacher_bn_mode(teacher, bn_mode), autocast(device, mixed_precision):
             logits = teacher(x)
         term = logits.float() * c

@@ -50,7 +50,7 @@ def render_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
     return buf.getvalue()
 
 
-def write_report(plan, timings: dict[str, float]) -> dict:
+def write_report(plan, timings: dict[str, float], repaired: list[dict] | None = None) -> dict:
     """Write the run's report under <output>/runs/<name>/ and return its metrics."""
     from fadrm.pipeline import _stage_label, load_distilled
 
@@ -99,6 +99,7 @@ def write_report(plan, timings: dict[str, float]) -> dict:
         "skipped_inputs": ev["skipped_inputs"],
         "num_skipped_inputs": len(ev["skipped_inputs"]),
         "stage_seconds": timings,
+        "repaired_outputs": repaired or [],
         "metrics": metrics,
     }
     grid = render_grid(images, labels, plan.classes)

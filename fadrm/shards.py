@@ -26,6 +26,8 @@ __all__ = [
     "read_table",
     "shard_info",
     "is_complete",
+    "discard",
+    "check",
     "images_table",
     "table_images",
     "write_json",
@@ -42,7 +44,15 @@ def _sidecar(uri: str) -> str:
 
 
 def write_artifact(uri: str, data: bytes, **extra) -> dict:
-    """Write ``data`` atomically, then its checksum sidecar (which marks it complete)."""
+    """Write ``data`` atomically, then its checksum sidecar (which marks it complete).
+
+    Write-once: when ``uri`` is already complete nothing is written and its recorded info is
+    returned, so a unit retried after a fault never overwrites finished work. (A shard
+    found corrupt is deleted with :func:`discard` first, then regenerated.)
+    """
+    existing = shard_info(uri)
+    if existing is not None:
+        return existing
     info = {"sha256": storage.sha256_bytes(data), "bytes": len(data), **extra}
     storage.write_bytes_atomic(uri, data)
     storage.write_bytes_atomic(_sidecar(uri), json.dumps(info).encode())
@@ -87,6 +97,30 @@ def shard_info(uri: str) -> dict | None:
 
 def is_complete(uri: str) -> bool:
     return storage.exists(_sidecar(uri))
+
+
+def discard(uri: str) -> None:
+    """Remove a unit's output (sidecar first, so it is never complete-but-missing)."""
+    storage.delete(_sidecar(uri))
+    storage.delete(uri)
+
+
+def check(uri: str, full: bool = True) -> str | None:
+    """Why the complete output at ``uri`` is damaged, or None when it is intact."""
+    info = shard_info(uri)
+    if info is None:
+        return "no checksum sidecar"
+    try:
+        size = storage.size(uri)
+    except FileNotFoundError:
+        return "file missing"
+    if size != info["bytes"]:
+        return f"size {size} bytes, recorded {info['bytes']} (truncated or replaced)"
+    if full:
+        digest = storage.sha256_bytes(storage.read_bytes(uri))
+        if digest != info["sha256"]:
+            return f"sha256 {digest[:12]}... does not match recorded {info['sha256'][:12]}..."
+    return None
 
 
 def read_table(uri: str, verify: bool = True) -> pa.Table:

@@ -29,6 +29,7 @@ __all__ = [
     "exists",
     "listdir",
     "delete",
+    "size",
     "sha256_bytes",
     "local_path",
 ]
@@ -119,6 +120,14 @@ def listdir(uri: str) -> list[str]:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
+def size(uri: str) -> int:
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: file not found")
+    return int(info.size)
 
 
 def delete(uri: str) -> None:

@@ -34,7 +34,7 @@ from fadrm.data import ImageSet
 from fadrm.metrics import evaluate
 from fadrm.relabel import epoch_table, soft_targets, view_batch, views_from_table
 
-__all__ = ["train_student", "param_groups", "cosine_lr", "kd_loss_sum"]
+__all__ = ["cosine_lr", "kd_loss_sum", "param_groups", "train_student"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

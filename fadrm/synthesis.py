@@ -1,10 +1,14 @@
 """Data residual matching: optimise the pixels of initial images against frozen teachers.
 
-Loss per iteration: ``CE(teacher(aug(x)), y) + r_bn * sum_l m_l (||mu_l - rm_l|| + ||var_l - rv_l||)``
+Loss per iteration::
+
+    CE(teacher(aug(x)), y)
+        + r_bn * sum_l m_l * (||mu_l - running_mean_l||_2 + ||var_l - running_var_l||_2)
+
 over the inputs of every BatchNorm2d layer. Around it: multi-resolution stages (MRO) with a
 fresh Adam per stage under one cosine schedule, the adjustable residual connection (ARC)
-``x <- alpha x + (1 - alpha) resample(P)`` at inner stage boundaries, mixed precision
-(MPT), and round-robin teachers (FADRM+). Baselines are the same loop with other
+``x <- alpha x + (1 - alpha) resample(P)`` at inner stage boundaries, mixed precision (MPT),
+and round-robin teachers (FADRM+). Baselines are the same loop with other
 :class:`~fadrm.config.MethodSpec` flags.
 """
 
@@ -94,9 +98,8 @@ class BNStatLoss:
         def hook(module: nn.BatchNorm2d, inputs: tuple, _output: object) -> None:
             x = inputs[0].float()
             var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-            term = torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(
-                var - module.running_var
-            )
+            term = torch.linalg.vector_norm(mean - module.running_mean)
+            term = term + torch.linalg.vector_norm(var - module.running_var)
             self._terms[index] = term * weight if weight != 1.0 else term
 
         return hook
@@ -164,37 +167,34 @@ def augment(
 ) -> torch.Tensor:
     """Per-sample random resized crop + flip + cyclic shift, differentiable w.r.t. ``x``.
 
-    Crop and flip are one affine sampling grid per sample (bilinear, align_corners=False);
-    the cyclic shift (``torch.roll`` semantics, ``|shift| <= jitter`` per axis) permutes the
+    Crop and flip are one affine sampling grid per sample (bilinear, align_corners=False;
+    the grid ``F.affine_grid`` would give, built separably because it has no shear); the
+    cyclic shift (``torch.roll`` semantics, ``|shift| <= jitter`` per axis) permutes the
     grid's rows and columns, so the whole augmentation is a single ``grid_sample``. All
     randomness comes from the CPU ``generator``, so results do not depend on the device.
     """
-    batch, channels, height, width = x.shape
+    batch, _, height, width = x.shape
     cx, cy, w, h = _crop_boxes(batch, height, width, crop_scale, generator)
     sign = torch.ones(batch)
     if flip:
-        flips = torch.rand(batch, generator=generator) < 0.5
-        sign = torch.where(flips, -1.0, 1.0)
-
-    # Output [-1, 1] -> input box: x_in = sx * x_out + tx in normalised coordinates.
-    theta = torch.zeros(batch, 2, 3)
-    theta[:, 0, 0] = sign * w / width
-    theta[:, 0, 2] = 2 * cx / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = 2 * cy / height - 1
-    theta = theta.to(x.device, x.dtype)
-    grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)
-
+        sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
+    shifts = torch.zeros(batch, 2, dtype=torch.long)
     if jitter > 0:
         shifts = torch.randint(-jitter, jitter + 1, (batch, 2), generator=generator)
-        # roll: out[i] = in[(i - shift) mod n]; applied to the grid it rolls the output.
-        base = torch.arange(size)
-        rows = (base[None, :] - shifts[:, 1:2]) % size
-        cols = (base[None, :] - shifts[:, 0:1]) % size
-        index = torch.arange(batch)[:, None, None]
-        device = x.device
-        grid = grid[index.to(device), rows[:, :, None].to(device), cols[:, None, :].to(device)]
 
+    # The grid F.affine_grid would build for theta = [[sign*w/W, 0, tx], [0, h/H, ty]]: with
+    # no shear it is separable, so build its columns and rows ([B, size] each) directly.
+    # roll: out[i] = in[(i - shift) mod n], i.e. output pixel i samples grid position
+    # (i - shift) mod n.
+    index = (torch.arange(size)[None, :] - shifts[:, :, None]) % size  # [B, 2, size]
+    centres = (2 * index + 1) / size - 1  # output pixel centres in [-1, 1]
+    gx = (sign * w / width)[:, None] * centres[:, 0] + (2 * cx / width - 1)[:, None]
+    gy = (h / height)[:, None] * centres[:, 1] + (2 * cy / height - 1)[:, None]
+    gx, gy = gx.to(x.device, x.dtype), gy.to(x.device, x.dtype)
+    grid = torch.stack(
+        [gx[:, None, :].expand(batch, size, size), gy[:, :, None].expand(batch, size, size)],
+        dim=-1,
+    )
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -292,6 +292,11 @@ def recover(
         raise ValueError(
             f"recover: init must be [B, C, H, W] with one label each, got init "
             f"{tuple(init.shape)} and labels {tuple(labels.shape)}"
+        )
+    if len(mean) != init.shape[1] or len(std) != init.shape[1]:
+        raise ValueError(
+            f"recover: init has {init.shape[1]} channels but mean/std have "
+            f"{len(mean)}/{len(std)} values"
         )
     if not spec.optimize:
         return RecoverResult(images=init.detach().float().cpu().clone())

@@ -34,7 +34,6 @@ def run(cfg, show_progress: bool = True) -> dict:
     from fadrm.pipeline import run_pipeline
     from ray_jobs.executor import RayTrainExecutor
 
-    connect(cfg.execution.address, cfg.execution.threads_per_worker, cfg.execution.max_workers)
     return run_pipeline(cfg, RayTrainExecutor(cfg), show_progress=show_progress)
 
 

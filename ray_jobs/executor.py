@@ -115,6 +115,10 @@ class RayTrainExecutor:
         return ray.cluster_resources().get("GPU", 0) > 0
 
     def run_stage(self, stage: Stage, pending: list[str], progress: StageProgress) -> None:
+        from ray_jobs.distill import connect
+
+        # Connect only when there is work: an up-to-date re-run never starts Ray.
+        connect(self.exe.address, self.exe.threads_per_worker, self.exe.max_workers)
         queue = UnitQueue.remote(pending)
         # More workers than units would only idle; collective stages use the full range.
         hi = self.exe.max_workers if stage.collective else min(self.exe.max_workers, len(pending))

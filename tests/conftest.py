@@ -34,8 +34,8 @@ def tiny_run_config(output: Path, root: Path, **overrides) -> dict:
         "select": {"num_candidates": 20, "num_crops": 2, "crop_scale": [0.5, 1.0]},
         "recover": {"method": "fadrm", "resolutions": [28, 24, 28],
                     "stage_iterations": [4, 4, 4], "lr": 0.05},
-        "relabel": {"epochs": 6, "batch_size": 10, "epochs_per_shard": 3},
-        "student": {"model": "convnet", "accumulation_steps": 1, "eval_every": 3},
+        "relabel": {"epochs": 30, "batch_size": 10, "epochs_per_shard": 15},
+        "student": {"model": "convnet", "accumulation_steps": 1, "eval_every": 10},
         "execution": {"min_workers": 1, "max_workers": 2, "device": "cpu"},
     }
     for key, value in overrides.items():

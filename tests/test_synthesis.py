@@ -157,6 +157,25 @@ def test_augment_crops_and_flips_per_sample():
     assert any(is_same) and any(is_flip)
 
 
+def test_augment_crop_boxes_follow_random_resized_crop():
+    size, side = 16, 32
+    ramp = torch.arange(side, dtype=torch.float32)
+    # channel 0 = column index, channel 1 = row index: output slopes reveal the crop box
+    x = torch.stack([ramp.expand(side, side), ramp[:, None].expand(side, side)])
+    x = x.expand(8, 2, side, side)
+    out = augment(x, size, [0.25, 0.25], False, 0, torch.Generator().manual_seed(2))
+    middle = slice(3, size - 3)
+    w = out[:, 0, middle, :].diff(dim=-1)[..., middle].mean(dim=(1, 2)) * size
+    h = out[:, 1, :, middle].diff(dim=-2)[:, middle].mean(dim=(1, 2)) * size
+    assert torch.allclose(w * h, torch.full((8,), 0.25 * side * side), rtol=1e-3)
+    assert ((w / h >= 3 / 4 - 1e-3) & (w / h <= 4 / 3 + 1e-3)).all()
+    assert w.max() - w.min() > 0.5  # aspect ratios drawn per sample
+    # scale 1, no flip, no jitter: a plain bilinear resize of the whole image
+    whole = augment(x, size, [1.0, 1.0], False, 0, torch.Generator().manual_seed(0))
+    resized = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    assert torch.allclose(whole, resized, atol=1e-4)
+
+
 def test_augment_jitter_is_a_bounded_roll():
     jitter = 2
     x = torch.randn(12, 1, 9, 9)
