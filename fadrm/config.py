@@ -500,7 +500,24 @@ def config_from_dict(data: dict) -> RunConfig:
         raise ConfigError("", f"a run config must be a mapping, got {type(data).__name__}")
     cfg = _build(RunConfig, data, "")
     cfg.validate()
+    _absolute_paths(cfg)
     return cfg
+
+
+def _absolute(path: str | None) -> str | None:
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
+def _absolute_paths(cfg: RunConfig) -> None:
+    # Ray workers run in their own working directories: a relative local path must mean
+    # the same file on the driver and on every worker, so resolve it here, once.
+    cfg.output = _absolute(cfg.output)
+    cfg.data.root = _absolute(cfg.data.root)
+    cfg.data.val_root = _absolute(cfg.data.val_root)
+    for t in cfg.teachers:
+        t.weights = _absolute(t.weights)
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -25,7 +25,7 @@ import torch
 from fadrm import __version__, shards, storage
 from fadrm.amp import resolve_device
 from fadrm.config import RunConfig, config_to_dict
-from fadrm.data import ImageSet, normalize
+from fadrm.data import normalize
 from fadrm.lineage import RunStatus, StageKey, StageStatus, diff_components
 
 log = logging.getLogger("fadrm.pipeline")

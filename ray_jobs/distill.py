@@ -26,8 +26,10 @@ def connect(address: str | None, threads: int, max_workers: int) -> None:
         # Embedded instance: enough CPUs for the worker range even on a small machine
         # (workers are mostly single-threaded; oversubscribing 2 cores is fine).
         cpus = max(os.cpu_count() or 1, threads * max_workers + 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-                 configure_logging=True, logging_level=logging.WARNING)
+        # The dashboard serves Ray's state API, which Ray Train uses to clean up after its
+        # controller; it listens on 127.0.0.1 only and Ray's token auth stays on.
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
 
 
 def run(cfg, show_progress: bool = True) -> dict:

@@ -28,16 +28,19 @@ log = logging.getLogger("ray_jobs.executor")
 
 @ray.remote(num_cpus=0)
 class UnitQueue:
-    """Pending units of one stage, handed out one at a time."""
+    """Pending units of one stage, handed out one at a time (an async actor)."""
 
     def __init__(self, units: list[str]):
+        import asyncio
+
         self.pending = deque(units)
         self.in_flight: dict[str, str] = {}  # unit -> generation that took it
         self.inner: dict[str, float] = {}  # unit -> fraction done
         self.done: set[str] = set()
         self.generation: str | None = None
+        self.changed = asyncio.Condition()
 
-    def enter(self, generation: str) -> None:
+    async def enter(self, generation: str) -> None:
         if generation == self.generation:
             return
         # A new worker group: whatever the previous one had in flight is orphaned.
@@ -47,24 +50,32 @@ class UnitQueue:
         self.inner.clear()
         self.generation = generation
 
-    def next(self, generation: str) -> str | None:
+    async def next(self, generation: str) -> str | None:
         if generation != self.generation or not self.pending:
             return None
         unit = self.pending.popleft()
         self.in_flight[unit] = generation
         return unit
 
-    def report(self, unit: str, fraction: float) -> None:
+    async def report(self, unit: str, fraction: float) -> None:
         if unit in self.in_flight:
             self.inner[unit] = fraction
 
-    def finish(self, unit: str) -> None:
+    async def finish(self, unit: str) -> None:
         self.in_flight.pop(unit, None)
         self.inner.pop(unit, None)
         self.done.add(unit)
+        async with self.changed:
+            self.changed.notify_all()
 
-    def progress(self) -> float:
+    async def progress(self) -> float:
         return len(self.done) + sum(self.inner.values())
+
+    async def wait_done(self, count: int) -> list[str]:
+        """Block until at least ``count`` units are finished; returns the finished ones."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: len(self.done) >= count)
+        return sorted(self.done)
 
 
 def _worker_loop(config: dict) -> None:
@@ -105,9 +116,11 @@ def _worker_loop(config: dict) -> None:
 class RayTrainExecutor:
     """Runs each stage with a Ray Train ``TorchTrainer`` on the connected Ray cluster."""
 
-    def __init__(self, cfg, storage_path: str | None = None):
+    def __init__(self, cfg, storage_path: str | None = None, on_queue=None):
         self.exe = cfg.execution
         self.storage_path = storage_path
+        # on_queue(stage, queue): lets an observer (a test, a UI) follow a stage's units.
+        self.on_queue = on_queue
 
     def _use_gpu(self) -> bool:
         if self.exe.use_gpu is not None:
@@ -120,6 +133,8 @@ class RayTrainExecutor:
         # Connect only when there is work: an up-to-date re-run never starts Ray.
         connect(self.exe.address, self.exe.threads_per_worker, self.exe.max_workers)
         queue = UnitQueue.remote(pending)
+        if self.on_queue is not None:
+            self.on_queue(stage, queue)
         # More workers than units would only idle; collective stages use the full range.
         hi = self.exe.max_workers if stage.collective else min(self.exe.max_workers, len(pending))
         lo = min(self.exe.min_workers, hi)
