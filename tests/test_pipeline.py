@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import pytest
 
 from fadrm import shards
@@ -87,3 +89,82 @@ def test_corrupt_shard_is_detected(finished_run):
             shards.read_table(uri)
     finally:
         open(uri, "wb").write(original)
+
+
+def test_status_cli_exit_codes(finished_run, tmp_path, capsys):
+    import yaml
+
+    from fadrm.cli import main
+    from fadrm.config import config_to_dict
+
+    cfg, _, _ = finished_run
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert main(["status", str(path)]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["status", str(path), "--set", "student.lr=0.002"]) == 1
+    out = capsys.readouterr().out
+    assert "evaluate" in out and "stale" in out and "student.lr: 0.001 -> 0.002" in out
+
+
+class RecordingExecutor(LocalExecutor):
+    def __init__(self):
+        super().__init__("cpu")
+        self.ran: list[str] = []
+
+    def run_stage(self, stage, pending, progress):
+        self.ran.append(stage.name)
+        super().run_stage(stage, pending, progress)
+
+
+def test_changing_only_the_relabel_teacher_reruns_relabel_and_evaluate(tmp_path, fmnist_root):
+    from fadrm.models import create_model, save_weights
+
+    weights = []
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        model = create_model("convnet", 10, in_chans=1, image_size=28)
+        weights.append(str(tmp_path / f"teacher{i}.pt"))
+        save_weights(model, weights[-1])
+    teachers = [{"model": "convnet", "weights": weights[0], "relabel": False},
+                {"model": "convnet", "weights": weights[1], "recover": False}]
+    settings = tiny_run_config(tmp_path / "out", fmnist_root, teachers=teachers)
+    settings["relabel"].update(epochs=2, epochs_per_shard=1)
+    cfg = load_config(settings)
+    first = RecordingExecutor()
+    run_pipeline(cfg, first, show_progress=False)
+    assert first.ran == ["select", "recover", "relabel", "evaluate"]
+
+    # A new checkpoint for the relabel-only teacher: same path, new bytes.
+    torch.manual_seed(7)
+    save_weights(create_model("convnet", 10, in_chans=1, image_size=28), weights[1])
+    status = {s.name: s.state for s in RunPlan(cfg).status().stages}
+    assert status == {"select": "done", "recover": "done", "relabel": "stale",
+                      "evaluate": "stale"}
+    second = RecordingExecutor()
+    run_pipeline(cfg, second, show_progress=False)
+    assert second.ran == ["relabel", "evaluate"]
+
+    # A new recover teacher invalidates selection (it scores realism) and everything after.
+    torch.manual_seed(8)
+    save_weights(create_model("convnet", 10, in_chans=1, image_size=28), weights[0])
+    third = RecordingExecutor()
+    run_pipeline(cfg, third, show_progress=False)
+    assert third.ran == ["select", "recover", "relabel", "evaluate"]
+
+
+def test_damaged_shard_is_regenerated_with_identical_bytes(tmp_path, fmnist_root):
+    settings = tiny_run_config(tmp_path / "out", fmnist_root)
+    settings["relabel"].update(epochs=2, epochs_per_shard=1)
+    cfg = load_config(settings)
+    run_pipeline(cfg, LocalExecutor("cpu"), show_progress=False)
+    plan = RunPlan(cfg)
+    uri = plan.recover.unit_uri(plan.recover.units()[1])
+    original = open(uri, "rb").read()
+    open(uri, "wb").write(original[:-100])  # truncated
+    rerun = RecordingExecutor()
+    run_pipeline(cfg, rerun, show_progress=False)
+    assert rerun.ran == ["recover"]  # regenerated; nothing downstream changes
+    assert open(uri, "rb").read() == original
+    manifest = json.loads((tmp_path / "out" / "runs" / cfg.name / "manifest.json").read_text())
+    assert [r["uri"] for r in manifest["repaired_outputs"]] == [uri]

@@ -1,11 +1,5 @@
 """Storage: atomic writes, checksums, and the same calls against S3 (moto server on loopback)."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
 import pyarrow as pa
 import pytest
 import torch
@@ -33,48 +27,6 @@ def test_image_shard_round_trip_and_checksum(tmp_path):
     (tmp_path / "images.arrow").write_bytes(data[: len(data) // 2])
     with pytest.raises(shards.ShardCorruptError):
         shards.read_table(uri)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3 API on 127.0.0.1 (moto's server mode), with a bucket."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import boto3
-        from botocore.exceptions import EndpointConnectionError
-
-        client = boto3.client("s3", endpoint_url=endpoint)
-        deadline = time.monotonic() + 30
-        while True:  # wait until the server accepts connections (bounded)
-            try:
-                client.create_bucket(Bucket="fadrm-test")
-                break
-            except EndpointConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_s3_shards_round_trip(s3_endpoint):
