@@ -29,6 +29,7 @@ __all__ = [
     "RelabelConfig",
     "StudentConfig",
     "ExecutionConfig",
+    "StorageConfig",
     "RunConfig",
     "METHODS",
     "MethodSpec",
@@ -336,6 +337,10 @@ class ExecutionConfig:
     """Ray Train FailureConfig(max_failures=...)."""
     device: str = "auto"
     """'auto', 'cpu' or 'cuda' for in-process work."""
+    worker_start_timeout_s: float | None = None
+    """Seconds Ray Train waits for a worker group before retrying smaller (elastic); None ->
+    Ray's default (60). Lower it to recover faster from a node loss on a fixed cluster;
+    keep it above your autoscaler's node start time."""
     verify_outputs: bool = True
     """Check every complete output's sha256 before a run (False: sizes only); damaged
     outputs are discarded and regenerated."""
@@ -350,8 +355,25 @@ class ExecutionConfig:
         _positive(self.threads_per_worker, f"{p}.threads_per_worker")
         if self.max_failures < -1:
             raise ConfigError(f"{p}.max_failures", "must be >= -1 (-1 = retry forever)")
+        if self.worker_start_timeout_s is not None:
+            _positive(self.worker_start_timeout_s, f"{p}.worker_start_timeout_s")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{p}.device", "must be 'auto', 'cpu' or 'cuda'")
+
+
+@dataclass(kw_only=True)
+class StorageConfig:
+    """Object storage settings for s3:// paths (credentials come from the environment)."""
+
+    endpoint_url: str | None = None
+    """S3 API endpoint, e.g. http://minio.minio:9000; None -> AWS_ENDPOINT_URL(_S3) or AWS."""
+    region: str | None = None
+    """None -> AWS_REGION / AWS_DEFAULT_REGION."""
+
+    def validate(self, p: str) -> None:
+        if self.endpoint_url and "://" not in self.endpoint_url:
+            raise ConfigError(f"{p}.endpoint_url",
+                              f"must be a URL such as http://host:9000, got {self.endpoint_url!r}")
 
 
 @dataclass(kw_only=True)
@@ -373,6 +395,7 @@ class RunConfig:
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
         if not self.name or "/" in self.name:
@@ -400,6 +423,7 @@ class RunConfig:
         self.relabel.validate("relabel")
         self.student.validate("student")
         self.execution.validate("execution")
+        self.storage.validate("storage")
 
     @property
     def recover_teachers(self) -> list[int]:

@@ -393,6 +393,7 @@ class RunPlan:
         from fadrm.data import class_names, data_fingerprint
 
         self.cfg = cfg
+        storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
         self.classes = class_names(cfg.data)
         self.num_classes = len(self.classes)
         block = cfg.recover.class_block_size or self.num_classes
@@ -621,4 +622,6 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
             raise RuntimeError(f"{label}: {len(missing)} units still missing after the stage "
                                f"ran: {missing[:5]}")
         timings[label] = round(time.perf_counter() - start, 2)
+        log.info("%s: %d units in %.1f s (%.2f units/s)", label, len(pending), timings[label],
+                 len(pending) / max(timings[label], 1e-9))
     return write_report(plan, timings, damaged)

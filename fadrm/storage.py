@@ -11,6 +11,7 @@ sees a half-written file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -21,6 +22,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 __all__ = [
+    "configure",
     "is_remote",
     "join",
     "filesystem",
@@ -46,24 +48,50 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-def _s3(uri: str) -> pafs.S3FileSystem:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+# Set from the run config's `storage` section (configure()); the AWS environment fills in
+# whatever the config leaves out. Credentials only ever come from the environment.
+_S3_SETTINGS: dict[str, str] = {}
+
+
+def configure(endpoint_url: str | None = None, region: str | None = None) -> None:
+    """S3 endpoint override and region for this process (None: from the environment)."""
+    _S3_SETTINGS.clear()
+    if endpoint_url:
+        _S3_SETTINGS["endpoint_url"] = endpoint_url
+    if region:
+        _S3_SETTINGS["region"] = region
+    _s3.cache_clear()
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_cached(endpoint: str | None, region: str | None, key_id: str | None) -> pafs.S3FileSystem:
     kwargs = {}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
+
+
+def _s3() -> pafs.S3FileSystem:
+    endpoint = (_S3_SETTINGS.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    region = (_S3_SETTINGS.get("region") or os.environ.get("AWS_REGION")
+              or os.environ.get("AWS_DEFAULT_REGION"))
+    # Cached per settings: building an S3FileSystem resolves credentials each time.
+    return _s3_cached(endpoint, region, os.environ.get("AWS_ACCESS_KEY_ID"))
+
+
+_s3.cache_clear = _s3_cached.cache_clear  # type: ignore[attr-defined]
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for ``uri`` and the path inside it."""
     uri = str(uri)
     if uri.startswith("s3://"):
-        return _s3(uri), uri[len("s3://"):]
+        return _s3(), uri[len("s3://"):]
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if is_remote(uri):

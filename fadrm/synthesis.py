@@ -31,6 +31,7 @@ __all__ = [
     "BNStatLoss",
     "RecoverResult",
     "augment",
+    "channel_stats",
     "cosine_lr",
     "recover",
     "resample",
@@ -42,6 +43,68 @@ _CROP_ATTEMPTS = 10
 
 
 # --------------------------------------------------------------------------- BN statistics
+
+
+class _ChannelStats(torch.autograd.Function):
+    """Per-channel ``(mean(x) - shift, biased var(x))`` of ``[N, C, H, W]`` in fp32.
+
+    One shifted pass (sums of ``d = x - shift`` and ``d^2``) instead of ``var_mean``: the
+    shift is the layer's running mean, so ``d`` is small where the statistics already match
+    and the one-pass variance loses nothing. The backward is the closed form
+    ``dL/dx = g_mean / M + 2 g_var (x - mean) / M`` (``M = N H W``), one fused pass in the
+    input's dtype, instead of autograd's chain through ``var_mean``. A channels_last input
+    is reduced as the ``[M, C]`` matrix it already is (two matrix-vector products).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor):  # type: ignore[override]
+        c = x.shape[1]
+        m = x.numel() // max(c, 1)
+        shift = shift.detach().float()
+        with torch.autocast(x.device.type, enabled=False):
+            if _is_nhwc(x):
+                d = torch.sub(x.permute(0, 2, 3, 1).reshape(m, c), shift)  # a view, then fp32
+                ones = torch.ones(1, m, device=x.device, dtype=d.dtype)
+                s1 = (ones @ d)[0]
+                s2 = (ones @ (d * d))[0]
+            else:
+                d = torch.sub(x, shift.view(1, c, *([1] * (x.dim() - 2))))
+                dims = (0, *range(2, x.dim()))
+                s1 = d.sum(dims)
+                s2 = torch.linalg.vector_norm(d, dim=dims).square()
+        mean_offset = s1 / m
+        var = s2 / m - mean_offset * mean_offset
+        ctx.save_for_backward(x, shift + mean_offset)
+        ctx.m = m
+        return mean_offset, var.clamp_min(0.0)
+
+    @staticmethod
+    def backward(ctx, g_offset: torch.Tensor, g_var: torch.Tensor):  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        m = ctx.m
+        b = 2.0 * g_var.float() / m
+        a = g_offset.float() / m - b * mean
+        shape = (1, x.shape[1], *([1] * (x.dim() - 2)))
+        with torch.autocast(x.device.type, enabled=False):
+            # fp32 arithmetic (no cancellation in a + b x), one rounding to x's dtype.
+            grad = torch.addcmul(a.view(shape), x, b.view(shape)).to(x.dtype)
+        return grad, None
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def channel_stats(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean - shift, biased variance)`` over (N, H, W) of ``x``, fp32, differentiable.
+
+    The same values as ``torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)`` (up to
+    fp32 rounding), several times faster forward and backward on the CPU.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"channel_stats needs [N, C, ...], got {tuple(x.shape)}")
+    return _ChannelStats.apply(x, shift)
+
 
 
 class BNStatLoss:
@@ -96,9 +159,8 @@ class BNStatLoss:
         weight = self.first_multiplier if index == 0 else 1.0
 
         def hook(module: nn.BatchNorm2d, inputs: tuple, _output: object) -> None:
-            x = inputs[0].float()
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-            term = torch.linalg.vector_norm(mean - module.running_mean)
+            mean_offset, var = channel_stats(inputs[0], module.running_mean)
+            term = torch.linalg.vector_norm(mean_offset)
             term = term + torch.linalg.vector_norm(var - module.running_var)
             self._terms[index] = term * weight if weight != 1.0 else term
 

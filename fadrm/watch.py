@@ -410,7 +410,8 @@ def watch(
     status = (status_fn or _lineage_run_status)(cfg)
     for stage in status.stages:
         log.info("stage %-9s %-8s %s", stage.name, stage.state, getattr(stage, "reason", ""))
-    running = target.active_fingerprints(cfg.name)
+    # Nothing stale: no need to ask the cluster anything (a scheduler's common case).
+    running = [] if status.up_to_date else target.active_fingerprints(cfg.name)
     decision = decide(status, running)
     log.info(
         "run %s: %s (%s) [config %s, teachers %s]",

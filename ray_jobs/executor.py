@@ -12,6 +12,7 @@ When Ray Train restarts a failed worker group, the new group announces a fresh
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from collections import deque
@@ -83,8 +84,11 @@ def _worker_loop(config: dict) -> None:
     import ray.train.collective
     import ray.train.torch
 
+    from fadrm import storage
+
     stage: Stage = config["stage"]
     queue = config["queue"]
+    storage.configure(stage.cfg.storage.endpoint_url, stage.cfg.storage.region)
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -139,6 +143,10 @@ class RayTrainExecutor:
         hi = self.exe.max_workers if stage.collective else min(self.exe.max_workers, len(pending))
         lo = min(self.exe.min_workers, hi)
         num_workers = hi if lo == hi else (lo, hi)
+        if self.exe.worker_start_timeout_s is not None:
+            # Ray Train propagates this from the driver to its controller.
+            os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(
+                self.exe.worker_start_timeout_s)
         use_gpu = self._use_gpu()
         resources = {"CPU": self.exe.threads_per_worker}
         if use_gpu:

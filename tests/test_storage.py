@@ -40,3 +40,20 @@ def test_s3_shards_round_trip(s3_endpoint):
     storage.write_bytes_atomic(uri, b"garbage")
     with pytest.raises(shards.ShardCorruptError):
         shards.read_table(uri)
+
+
+def test_s3_endpoint_from_config_instead_of_environment(s3_endpoint, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    try:
+        storage.configure(endpoint_url=s3_endpoint)
+        storage.write_bytes_atomic("s3://fadrm-test/configured/a.bin", b"abc")
+        assert storage.read_bytes("s3://fadrm-test/configured/a.bin") == b"abc"
+    finally:
+        storage.configure()
+
+
+def test_storage_endpoint_must_be_a_url():
+    from fadrm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="^storage.endpoint_url:"):
+        load_config({"data": {"root": "/x"}, "storage": {"endpoint_url": "minio:9000"}})
