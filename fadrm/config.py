@@ -220,6 +220,12 @@ class RecoverConfig:
     flip: bool = True
     class_block_size: int = 0
     """Classes per work unit / batch (one image per class); 0 -> all classes."""
+    channels_last: bool = True
+    """Run the teachers in the channels_last memory layout (faster convolutions and
+    batch-norm statistics; the loss is the same up to float rounding)."""
+    compile: bool = False
+    """torch.compile the teachers' forward (off: on a 2-core CPU compiling costs minutes
+    and did not pay for itself, see benchmarks/README.md)."""
 
     @property
     def spec(self) -> MethodSpec:
@@ -276,6 +282,10 @@ class RelabelConfig:
     """'train' (batch statistics, as the reference) or 'eval' (running statistics)."""
     top_k: int = 0
     """Store only the k largest logits (plus the mean of the rest); 0 -> all logits."""
+    label_mode: str = "soft"
+    """'soft': teacher-ensemble logits (FKD). 'hard': no teacher; each view is labelled
+    with its image's class (CutMix views: lam * own class + (1 - lam) * partner's class)
+    and the student trains with cross-entropy on those targets (the hard-label baseline)."""
     epochs_per_shard: int = 50
     """Work unit size: epochs per soft-label shard."""
 
@@ -288,6 +298,12 @@ class RelabelConfig:
             raise ConfigError(f"{p}.teacher_bn_mode", "must be 'train' or 'eval'")
         if self.top_k < 0:
             raise ConfigError(f"{p}.top_k", "must be >= 0 (0 keeps all logits)")
+        if self.label_mode not in ("soft", "hard"):
+            raise ConfigError(f"{p}.label_mode", f"must be 'soft' or 'hard', got "
+                              f"{self.label_mode!r}")
+        if self.label_mode == "hard" and self.top_k:
+            raise ConfigError(f"{p}.top_k", "applies to soft labels only; use 0 with "
+                              "label_mode 'hard'")
         _positive(self.epochs_per_shard, f"{p}.epochs_per_shard")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fadrm.amp import autocast
+from fadrm.amp import autocast, is_channels_last, to_layout
 from fadrm.data import ImageSet, normalize
 
 
@@ -23,11 +23,12 @@ def evaluate(
     model.eval()
     correct1 = correct5 = 0
     k = min(5, data.num_classes)
+    nhwc = is_channels_last(model)  # feed the model its own layout
     for start in range(0, len(data), batch_size):
         x = normalize(data.images[start : start + batch_size].to(device), mean, std)
         y = data.labels[start : start + batch_size].to(device)
         with autocast(device, mixed_precision):
-            logits = model(x)
+            logits = model(to_layout(x, nhwc))
         topk = logits.float().topk(k, dim=1).indices
         correct1 += (topk[:, 0] == y).sum().item()
         correct5 += (topk == y[:, None]).any(dim=1).sum().item()

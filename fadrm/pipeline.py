@@ -285,14 +285,17 @@ class RelabelStage(Stage):
         return self.units()[epoch // self.cfg.relabel.epochs_per_shard]
 
     def setup(self, ctx: WorkerContext) -> Any:
-        images, _ = load_distilled(self.plan)
-        teachers = [_load_teacher(self.plan, i, ctx.device) for i in self.cfg.relabel_teachers]
-        return images, teachers
+        images, labels = load_distilled(self.plan)
+        teachers = []
+        if self.cfg.relabel.label_mode == "soft":  # hard labels need no teacher
+            teachers = [_load_teacher(self.plan, i, ctx.device)
+                        for i in self.cfg.relabel_teachers]
+        return images, labels, teachers
 
     def run_unit(self, state: Any, unit: str, ctx: WorkerContext) -> None:
         from fadrm.relabel import relabel_epochs
 
-        images, teachers = state
+        images, labels, teachers = state
         first, last = (int(x) for x in unit[1:].split("-"))
         weights = None
         chosen = [self.cfg.teachers[i] for i in self.cfg.relabel_teachers]
@@ -302,7 +305,8 @@ class RelabelStage(Stage):
         table = relabel_epochs(
             teachers, images, d.mean, d.std, self.cfg.relabel, range(first, last + 1),
             seed=unit_seed(self.cfg.seed, self.name, "views"), device=ctx.device,
-            weights=weights, progress=ctx.report,
+            weights=weights, progress=ctx.report, labels=labels,
+            num_classes=self.plan.num_classes,
         )
         shards.write_table(self.unit_uri(unit), table)
 

@@ -12,6 +12,10 @@ rendering is cheap next to the forward pass) and trains on its strided slice
 ``rows[rank::W]``. Each rank's loss is ``sum_KL(slice) * W / B``: DDP averages gradients
 over ranks, so the synchronised gradient is ``(1 / B) * sum_KL(batch)``, the gradient of
 the full batch's mean KL. BatchNorm statistics are per rank slice, as in any DDP run.
+
+Hard-label rows (``relabel.label_mode: hard``, the hard-label baseline) replace the KL by
+the cross-entropy to ``lam * onehot(y) + (1 - lam) * onehot(y_partner)`` of each stored
+CutMix view; everything else (views, optimiser, schedule) is the same.
 """
 
 from __future__ import annotations
@@ -28,13 +32,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fadrm.amp import autocast, grad_scaler
+from fadrm.amp import autocast, grad_scaler, to_layout
 from fadrm.config import StudentConfig
 from fadrm.data import ImageSet
 from fadrm.metrics import evaluate
-from fadrm.relabel import epoch_table, soft_targets, view_batch, views_from_table
+from fadrm.relabel import (
+    epoch_table,
+    hard_targets,
+    is_hard,
+    soft_targets,
+    view_batch,
+    views_from_table,
+)
 
-__all__ = ["cosine_lr", "kd_loss_sum", "param_groups", "train_student"]
+__all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "param_groups", "train_student"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -63,6 +74,11 @@ def kd_loss_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     log_p = F.log_softmax(student.float() / temperature, dim=1)
     log_q = F.log_softmax(teacher.float() / temperature, dim=1)
     return F.kl_div(log_p, log_q, reduction="sum", log_target=True)
+
+
+def hard_loss_sum(student: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over samples of the cross-entropy to class-probability ``targets`` (fp32, T=1)."""
+    return -(targets.float() * F.log_softmax(student.float(), dim=1)).sum()
 
 
 def _world() -> tuple[int, int]:
@@ -100,7 +116,9 @@ def train_student(
     torch.manual_seed(seed)  # dropout and any other randomness inside the student
     rank, world = _world()
     out_size = images.shape[2]
-    model.to(device)
+    # channels_last while training (2x faster small convolutions on the CPU, the layout
+    # tensor cores want); undone at the end, so saved weights have the usual layout.
+    model.to(device, memory_format=torch.channels_last)
     net: nn.Module = model
     if world > 1:
         net = DistributedDataParallel(
@@ -119,6 +137,10 @@ def train_student(
             group["lr"] = lr
         table = epoch_table(labels_for_epoch(epoch), epoch)
         _check_num_classes(table, num_classes)
+        # Hard-label rows (relabel.label_mode 'hard'): cross-entropy to the CutMix-mixed
+        # one-hot targets instead of KL to teacher logits.
+        hard = is_hard(table)
+        targets_of = hard_targets if hard else soft_targets
         views = views_from_table(table, epoch)
         slices = list(views.batch_slices())
         net.train()
@@ -129,7 +151,7 @@ def train_student(
             rows = views[s]
             full = len(rows)
             x = view_batch(images, rows, mean, std, out_size, device)
-            targets = soft_targets(table.slice(s.start, full), num_classes).to(device)
+            targets = targets_of(table.slice(s.start, full), num_classes).to(device)
             idx = torch.arange(rank, full, world, device=device)
             share = 1.0
             if idx.numel() == 0:
@@ -140,17 +162,20 @@ def train_student(
             sync = contextlib.nullcontext() if world == 1 or step_now else net.no_sync()
             with sync:
                 with autocast(device, cfg.mixed_precision):
-                    logits = net(x[idx])
+                    logits = net(to_layout(x[idx], True))
                 if logits.shape[1] != num_classes:
                     raise ValueError(f"student outputs {logits.shape[1]} classes, "
                                      f"expected {num_classes}")
-                kl_sum = kd_loss_sum(logits, targets[idx], cfg.temperature)
-                if not torch.isfinite(kl_sum):
+                if hard:
+                    loss_sum = hard_loss_sum(logits, targets[idx])
+                else:
+                    loss_sum = kd_loss_sum(logits, targets[idx], cfg.temperature)
+                if not torch.isfinite(loss_sum):
                     raise RuntimeError(
                         f"non-finite student loss at epoch {epoch}, batch {b} "
-                        f"(rank {rank}): {kl_sum.item()}"
+                        f"(rank {rank}): {loss_sum.item()}"
                     )
-                loss = kl_sum * (share * world / full / accum)
+                loss = loss_sum * (share * world / full / accum)
                 scaler.scale(loss).backward()
             pending += 1
             if step_now:
@@ -159,7 +184,7 @@ def train_student(
                 optimizer.zero_grad(set_to_none=True)
                 pending = 0
             # This rank's part of the full batch's mean KL; ranks' parts add up to it.
-            loss_total += share * kl_sum.detach().double().cpu() / full
+            loss_total += share * loss_sum.detach().double().cpu() / full
         if world > 1:
             # NCCL reduces only device tensors; gloo handles CPU ones.
             on = device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -180,6 +205,7 @@ def train_student(
         if progress is not None:
             progress(epoch + 1, num_epochs)
 
+    model.to(memory_format=torch.contiguous_format)
     return {
         "top1": top1,
         "top5": top5,

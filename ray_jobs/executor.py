@@ -19,7 +19,7 @@ from collections import deque
 
 import ray
 import torch
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from fadrm.pipeline import Stage, StageProgress, WorkerContext
@@ -161,6 +161,9 @@ class RayTrainExecutor:
                 name=f"fadrm-{stage.name}-{stage.key.key}-{uuid.uuid4().hex[:6]}",
                 storage_path=self.storage_path,
                 failure_config=FailureConfig(max_failures=self.exe.max_failures),
+                # Ray Train's worker-group bookkeeping at INFO drowns the stage progress;
+                # its warnings and errors (failures, retries, resizes) still show.
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
         stop = threading.Event()

@@ -47,6 +47,8 @@ def test_override_into_teacher_list():
     (["recover.method=magic"], "recover.method", "unknown method"),
     (["data.mean=[0.1,0.2,0.3]"], "data.mean", "one per channel"),
     (["relabel.teacher_bn_mode=frozen"], "relabel.teacher_bn_mode", "'train' or 'eval'"),
+    (["relabel.label_mode=onehot"], "relabel.label_mode", "'soft' or 'hard'"),
+    (["relabel.label_mode=hard", "relabel.top_k=5"], "relabel.top_k", "soft labels only"),
     (["teachers.0.model=123"], "teachers[0].model", "string"),
     (["execution.max_workers=0"], "execution.max_workers", ">= min_workers"),
     (["select.teacher=3"], "select.teacher", "teachers"),

@@ -299,3 +299,79 @@ def test_schema_rejects_bad_top_k():
         soft_label_schema(10, 10)
     with pytest.raises(ValueError, match="top_k"):
         soft_label_schema(10, -1)
+
+
+# --------------------------------------------------------------------------- compact / hard
+
+
+def test_top_k_indices_use_the_smallest_integer_type():
+    from fadrm.relabel import index_type
+
+    assert index_type(10) == pa.uint8() and index_type(256) == pa.uint8()
+    assert index_type(257) == pa.uint16() and index_type(1000) == pa.uint16()
+    assert index_type(70000) == pa.int32()
+    assert soft_label_schema(1000, 10).field("topk_index").type.value_type == pa.uint16()
+    table = relabel_epochs([tiny_net(10)], random_images(8, 8), MEAN, STD,
+                           RelabelConfig(batch_size=4, top_k=3), range(1), 0, CPU)
+    assert table.schema.field("topk_index").type.value_type == pa.uint8()
+    full = relabel_epochs([tiny_net(10)], random_images(8, 8), MEAN, STD,
+                          RelabelConfig(batch_size=4), range(1), 0, CPU)
+    rec, ref = soft_targets(table, 10), soft_targets(full, 10)
+    index = ref.topk(3, dim=1).indices
+    assert torch.equal(rec.gather(1, index), ref.gather(1, index))
+
+
+def test_channels_last_relabel_gives_the_same_logits_and_restores_the_layout():
+    images = random_images(12, 8)
+    teacher = tiny_net(10)
+    cfg = RelabelConfig(batch_size=4, teacher_bn_mode="train")
+    plain = relabel_epochs([teacher], images, MEAN, STD, cfg, range(2), 0, CPU,
+                           mixed_precision=False, channels_last=False)
+    nhwc = relabel_epochs([teacher], images, MEAN, STD, cfg, range(2), 0, CPU,
+                          mixed_precision=False, channels_last=True)
+    assert teacher[0].weight.is_contiguous()
+    assert plain.select(plain.column_names[:9]).equals(nhwc.select(nhwc.column_names[:9]))
+    torch.testing.assert_close(soft_targets(nhwc, 10), soft_targets(plain, 10),
+                               atol=2e-3, rtol=1e-3)
+
+
+def test_hard_labels_need_no_teacher_and_mix_like_cutmix():
+    from fadrm.relabel import hard_targets, is_hard
+
+    images = random_images(12, 8)
+    labels = torch.tensor([0, 1, 2, 3] * 3)
+    calls = []
+    teacher = tiny_net(4)
+    teacher.register_forward_pre_hook(lambda *_: calls.append(1))
+    cfg = RelabelConfig(batch_size=6, label_mode="hard")
+    table = relabel_epochs([teacher], images, MEAN, STD, cfg, range(3), seed=4, device=CPU,
+                           labels=labels, num_classes=4)
+    assert not calls and is_hard(table) and "logits" not in table.column_names
+    assert table.schema.metadata[b"label_mode"] == b"hard"
+    # the views are exactly those of soft relabelling with the same seed
+    soft = relabel_epochs([tiny_net(4)], images, MEAN, STD,
+                          dataclasses.replace(cfg, label_mode="soft"), range(3), 4, CPU)
+    assert not is_hard(soft)
+    mixed_rows = 0
+    for epoch in range(3):
+        views = views_from_table(table, epoch)
+        assert views.equals(views_from_table(soft, epoch))
+        rows = epoch_table(table, epoch)
+        np.testing.assert_array_equal(rows.column("label").to_numpy(),
+                                      labels.numpy()[views.image_id])
+        for s in views.batch_slices():
+            batch = rows.slice(s.start, s.stop - s.start)
+            target = hard_targets(batch, 4)
+            torch.testing.assert_close(target.sum(1), torch.ones(len(target)))
+            own = labels[torch.from_numpy(views.image_id[s].astype(np.int64))]
+            for i in range(len(target)):
+                p, lam = int(views.mix_partner[s][i]), float(views.mix_lam[s][i])
+                want = torch.zeros(4)
+                want[own[i]] += lam if p >= 0 else 1.0
+                if p >= 0:
+                    mixed_rows += 1
+                    want[own[p]] += 1 - lam
+                torch.testing.assert_close(target[i], want)
+    assert mixed_rows > 0
+    with pytest.raises(ValueError, match="labels"):
+        relabel_epochs([], images, MEAN, STD, cfg, range(1), 0, CPU)

@@ -290,3 +290,29 @@ def test_mixed_precision_training_runs_on_cpu():
                            student_cfg(mixed_precision=True), 2, MEAN, STD, 4, CPU, seed=0)
     assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in result["history"])
     assert 0.0 <= result["top1"] <= 100.0 and result["seconds"] > 0
+
+
+def test_hard_loss_is_cross_entropy_to_the_targets():
+    from fadrm.student import hard_loss_sum
+
+    logits = torch.randn(5, 4)
+    y = torch.tensor([0, 3, 1, 1, 2])
+    onehot = torch.nn.functional.one_hot(y, 4).float()
+    torch.testing.assert_close(hard_loss_sum(logits, onehot),
+                               nn.functional.cross_entropy(logits, y, reduction="sum"))
+    mix = 0.3 * onehot + 0.7 * onehot.roll(1, 0)
+    want = 0.3 * nn.functional.cross_entropy(logits, y, reduction="sum") + 0.7 * (
+        nn.functional.cross_entropy(logits, y.roll(1, 0), reduction="sum"))
+    torch.testing.assert_close(hard_loss_sum(logits, mix), want)
+
+
+def test_student_learns_from_hard_labels():
+    val = intensity_data(25, seed=2)
+    distilled = intensity_data(5, seed=3)
+    rcfg = RelabelConfig(batch_size=5, label_mode="hard")
+    table = relabel_epochs([], distilled.images, MEAN, STD, rcfg, range(20), seed=0,
+                           device=CPU, labels=distilled.labels, num_classes=4)
+    result = train_student(tiny_net(seed=5), distilled.images, lambda e: table, val,
+                           student_cfg(), 20, MEAN, STD, 4, CPU, seed=0)
+    assert result["top1"] >= 80.0, result  # chance is 25 %
+    assert all(math.isfinite(h["loss"]) for h in result["history"])

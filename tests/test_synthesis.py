@@ -11,7 +11,7 @@ from torch import nn
 
 from fadrm.config import RecoverConfig
 from fadrm.data import pixel_bounds
-from fadrm.synthesis import BNStatLoss, augment, cosine_lr, recover, resample
+from fadrm.synthesis import BNStatLoss, augment, channel_stats, cosine_lr, recover, resample
 
 torch.set_num_threads(1)
 
@@ -381,3 +381,89 @@ def test_fresh_adam_per_stage_under_one_cosine_schedule(monkeypatch):
     assert len(created) == 3  # Adam state is reset at every stage
     assert all(opt.defaults["betas"] == (0.5, 0.9) for opt in created)
     assert lrs == pytest.approx([cosine_lr(cfg.lr, t, 8) for t in range(8)])
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_stats_match_var_mean_values_and_gradient(dtype, channels_last):
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(6, 5, 7, 7, generator=gen) * 2 + 3).to(dtype)
+    if channels_last:
+        base = base.contiguous(memory_format=torch.channels_last)
+    shift = torch.randn(5, generator=gen)
+    g_mean, g_var = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+
+    x = base.clone().requires_grad_(True)
+    offset, var = channel_stats(x, shift)
+    ((offset * g_mean).sum() + (var * g_var).sum()).backward()
+    ref_x = base.clone().requires_grad_(True)
+    ref_var, ref_mean = torch.var_mean(ref_x.float(), dim=(0, 2, 3), correction=0)
+    (((ref_mean - shift) * g_mean).sum() + (ref_var * g_var).sum()).backward()
+
+    assert offset.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(offset, ref_mean - shift, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, ref_var, atol=1e-5, rtol=1e-5)
+    assert x.grad.dtype == dtype and x.grad.stride() == ref_x.grad.stride()
+    tol = 1e-6 if dtype == torch.float32 else 2 * 2.0**-8 * ref_x.grad.abs().max().item()
+    torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), atol=tol, rtol=1e-4)
+
+
+def test_channel_stats_of_a_constant_channel_is_finite():
+    x = torch.zeros(3, 2, 4, 4)
+    x[:, 1] = torch.randn(3, 4, 4)
+    x.requires_grad_(True)
+    offset, var = channel_stats(x, torch.zeros(2))
+    assert var[0].item() == 0.0 and torch.isfinite(var).all()
+    (offset.sum() + var.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("method, rtol", [("sre2l", 1e-4), ("fadrm", 0.03)])
+def test_channels_last_recover_gives_the_same_losses(method, rtol):
+    # fp32 (sre2l): equal up to float rounding; bf16 autocast (fadrm): up to bf16 rounding.
+    cfg_plain = cfg_for(method, [16, 12, 16], [3, 3, 3], channels_last=False)
+    cfg_nhwc = cfg_for(method, [16, 12, 16], [3, 3, 3], channels_last=True)
+    teacher = tiny_teacher()
+    randomise_running_stats(teacher)
+    plain = recover(init_images(), torch.arange(4), [teacher], cfg_plain, MEAN, STD, 16, 0, CPU)
+    assert teacher[3].weight.is_contiguous()
+    nhwc = recover(init_images(), torch.arange(4), [teacher], cfg_nhwc, MEAN, STD, 16, 0, CPU)
+    assert teacher[3].weight.is_contiguous()  # layout restored afterwards
+    torch.testing.assert_close(torch.tensor(nhwc.losses), torch.tensor(plain.losses),
+                               rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(nhwc.images, plain.images, rtol=0, atol=0.05)
+
+    teacher.to(memory_format=torch.channels_last)  # a channels_last teacher stays so
+    recover(init_images(), torch.arange(4), [teacher], cfg_nhwc, MEAN, STD, 16, 0, CPU)
+    # (conv 3: 6 -> 6 channels, where the two layouts differ)
+    assert teacher[3].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not teacher[3].weight.is_contiguous()
+
+
+def test_bn_loss_is_layout_independent():
+    net = tiny_teacher().eval()
+    randomise_running_stats(net)
+    x = torch.randn(5, 1, 8, 8)
+    with BNStatLoss(net) as bn:
+        net(x)
+        plain = bn.loss().item()
+        net.to(memory_format=torch.channels_last)
+        net(x.contiguous(memory_format=torch.channels_last))
+        nhwc = bn.loss().item()
+    assert nhwc == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_recover_gives_the_same_losses():
+    cfg = cfg_for("sre2l", [16], [4])
+    teacher = tiny_teacher()
+    randomise_running_stats(teacher)
+    eager = recover(init_images(), torch.arange(4), [teacher], cfg, MEAN, STD, 16, 0, CPU)
+    cfg.compile = True
+    compiled = recover(init_images(), torch.arange(4), [teacher], cfg, MEAN, STD, 16, 0, CPU)
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses),
+                               rtol=1e-4, atol=1e-5)
+    assert "_fadrm_compiled" not in teacher.state_dict()

@@ -1,0 +1,244 @@
+"""Shared helpers of the benchmarks: machine info, medians, memory, result files.
+
+Every benchmark writes ``benchmarks/results/<name>.json`` (numbers, not strings, plus the
+machine and the settings it ran with) and ``benchmarks/results/<name>.md`` (a markdown
+table that ``benchmarks/README.md`` quotes). Speed and memory are always measured as ratios
+against a baseline in the same run, as medians over repeats: these machines are shared and
+noisy.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10-train"
+_CHILD_MARK = "BENCH-RESULT "
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                keep = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni")
+                return [f for f in flags if f in keep]
+    except OSError:
+        pass
+    return []
+
+
+def _memory_gib() -> float:
+    try:
+        text = Path("/proc/meminfo").read_text()
+        return round(int(re.search(r"MemTotal:\s+(\d+)", text).group(1)) / 2**20, 1)
+    except (OSError, AttributeError):
+        return math.nan
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on (goes into every result file)."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    return (f"{info['cpu']} ({info['cores']} cores, {info['memory_gib']} GiB, torch "
+            f"{info['torch']}, {info['torch_threads']} torch threads{gpu}; load average "
+            f"{info['load_average_1min']} at the start)")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def median(values: Iterable[float]) -> float:
+    vals = [float(v) for v in values]
+    return statistics.median(vals) if vals else math.nan
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return math.nan, math.nan
+    if len(vals) == 1:
+        return vals[0], 0.0
+    return statistics.fmean(vals), statistics.stdev(vals)
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _status_kib(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else -1
+
+
+def rss_mib() -> float:
+    """Resident set size of this process now (MiB)."""
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib() -> float:
+    """High-water mark of this process's resident set (VmHWM, MiB)."""
+    return _status_kib("VmHWM") / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux clear_refs 5); False when not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def emit(result: dict) -> None:
+    """Print a child's result for :func:`run_child` (the last marked line wins)."""
+    print(_CHILD_MARK + json.dumps(result), flush=True)
+
+
+def run_child(module: str, args: list[str], timeout: float = 3600) -> dict:
+    """Run ``python -m module *args`` in a fresh process and return what it :func:`emit`-ted."""
+    cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_CHILD_MARK)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len(_CHILD_MARK):])
+
+
+# --------------------------------------------------------------------------- result files
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, tuples -> lists, numpy/torch scalars -> Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and not isinstance(obj, (str, bytes)):
+        try:
+            obj = obj.item()
+        except (TypeError, ValueError):
+            pass
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(name: str, data: dict, results: Path = RESULTS) -> Path:
+    """``results/<name>.json`` with a timestamp added; returns the path."""
+    results.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name,
+               "written": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+               **data}
+    path = results / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(payload), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_json(name: str, results: Path = RESULTS) -> dict | None:
+    path = results / f"{name}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
+                   digits: int = 2) -> str:
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(v, digits) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(name: str, title: str, sections: Sequence[str],
+                   results: Path = RESULTS) -> Path:
+    """``results/<name>.md``: a title and the given markdown sections."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.md"
+    path.write_text(f"### {title}\n\n" + "\n\n".join(sections).rstrip() + "\n")
+    return path
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` torch intra-op threads (None: all cores); returns the count."""
+    import torch
+
+    n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
