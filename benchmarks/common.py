@@ -242,3 +242,90 @@ def set_threads(threads: int | None) -> int:
                     else os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
+
+
+# --------------------------------------------------------------------------- pipeline runs
+
+WORK = Path(__file__).resolve().parent / "work"
+"""Default output root of the benchmarks' pipeline runs (shared: content keys reuse work)."""
+
+DATASETS: dict[str, dict[str, Any]] = {
+    # CIFAR-10 as an ImageFolder of JPEGs; 1,000 images per class held out for validation
+    # (never used for training or selection).
+    "cifar10": {"kind": "imagefolder", "root": str(CIFAR10), "val_per_class": 1000,
+                "resolution": 32, "channels": 3, "mean": [0.4914, 0.4822, 0.4465],
+                "std": [0.2470, 0.2435, 0.2616]},
+    # Fashion-MNIST IDX files; validation = the official 10,000 test images.
+    "fmnist": {"kind": "idx", "root": str(FASHION_MNIST), "resolution": 28, "channels": 1,
+               "mean": [0.2860], "std": [0.3530]},
+}
+
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def cache_data_loading() -> None:
+    """Memoise ``fadrm.data.load_data`` in this process.
+
+    The benchmarks run many pipelines over the same data in one process (LocalExecutor);
+    every stage's setup reloads it, and decoding CIFAR-10's 50,000 JPEGs costs ~16 s each
+    time. The cache returns the very tensors a fresh decode would give.
+    """
+    import dataclasses
+
+    import fadrm.data as fdata
+
+    if getattr(fdata.load_data, "_benchmark_cache", False):
+        return
+    original = fdata.load_data
+
+    def load_data(cfg, progress=None):
+        key = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+        if key not in _DATA_CACHE:
+            _DATA_CACHE[key] = original(cfg, progress)
+        return _DATA_CACHE[key]
+
+    load_data._benchmark_cache = True  # type: ignore[attr-defined]
+    fdata.load_data = load_data
+
+
+def run_local(cfg_dict: dict, device: str = "auto") -> dict:
+    """Run (or resume) one pipeline in this process; returns its metrics."""
+    from fadrm.config import load_config
+    from fadrm.pipeline import LocalExecutor, run_pipeline
+
+    cache_data_loading()
+    return run_pipeline(load_config(cfg_dict), LocalExecutor(device), show_progress=False)
+
+
+def train_teachers(data: dict, teachers: list[dict], squeeze: dict, output: Path,
+                   device: str = "auto") -> list[str]:
+    """Train (or find already trained) squeeze teachers; returns their weight paths.
+
+    Teachers are trained once per (data, architecture, squeeze settings), under seed 0, and
+    then passed as ``weights`` to every run, so all seeds and methods share them.
+    """
+    from fadrm.config import load_config
+    from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
+
+    cache_data_loading()
+    cfg = load_config({"name": "teachers", "output": str(output), "seed": 0, "data": data,
+                       "teachers": teachers, "squeeze": squeeze,
+                       "execution": {"device": device}})
+    plan = RunPlan(cfg)
+    exe = LocalExecutor(device)
+    paths = []
+    for i in range(len(teachers)):
+        stage = plan.squeeze_stage(i)
+        pending = stage.pending()
+        if pending:
+            exe.run_stage(stage, pending, StageProgress(f"squeeze[{i}]", 1, enabled=False))
+        paths.append(stage.unit_uri("teacher"))
+    return paths
+
+
+def teacher_val_top1(teacher_uri: str) -> float | None:
+    """The validation top-1 the squeeze stage recorded beside a teacher's weights."""
+    meta = Path(teacher_uri).parent / "meta.json"
+    if not meta.exists():
+        return None
+    return json.loads(meta.read_text()).get("val_top1")

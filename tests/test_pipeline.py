@@ -168,3 +168,26 @@ def test_damaged_shard_is_regenerated_with_identical_bytes(tmp_path, fmnist_root
     assert open(uri, "rb").read() == original
     manifest = json.loads((tmp_path / "out" / "runs" / cfg.name / "manifest.json").read_text())
     assert [r["uri"] for r in manifest["repaired_outputs"]] == [uri]
+
+
+def test_hard_label_baseline_runs_without_teacher_logits(tmp_path, fmnist_root):
+    from fadrm.models import create_model, save_weights
+    from fadrm.relabel import is_hard
+
+    torch.manual_seed(100)
+    weights = str(tmp_path / "teacher.pt")
+    save_weights(create_model("convnet", 10, in_chans=1, image_size=28), weights)
+    settings = tiny_run_config(tmp_path / "out", fmnist_root,
+                               teachers=[{"model": "convnet", "weights": weights}])
+    settings["recover"]["method"] = "random-real"
+    settings["relabel"].update(epochs=4, epochs_per_shard=2, label_mode="hard")
+    settings["student"]["eval_every"] = 0
+    cfg = load_config(settings)
+    metrics = run_pipeline(cfg, LocalExecutor("cpu"), show_progress=False)
+    plan = RunPlan(cfg)
+    table = shards.read_table(plan.relabel.unit_uri(plan.relabel.units()[0]))
+    assert is_hard(table) and "logits" not in table.column_names
+    assert table.schema.metadata[b"label_mode"] == b"hard"
+    assert 0 <= metrics["student_top1"] <= 100
+    soft = load_config({**settings, "relabel": {**settings["relabel"], "label_mode": "soft"}})
+    assert RunPlan(soft).relabel.key.key != plan.relabel.key.key
