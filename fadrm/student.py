@@ -44,24 +44,11 @@ from fadrm.relabel import (
     view_batch,
     views_from_table,
 )
+from fadrm.training import param_groups, world as dist_world
 
 __all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "param_groups", "train_student"]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices/kernels, none on biases and norm parameters.
-
-    Parameters with ``ndim <= 1`` are exactly the biases and the affine parameters of
-    BatchNorm/LayerNorm/GroupNorm layers.
-    """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def cosine_lr(base_lr: float, epoch: int, num_epochs: int, eta: float) -> float:
@@ -81,10 +68,6 @@ def hard_loss_sum(student: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(targets.float() * F.log_softmax(student.float(), dim=1)).sum()
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def train_student(
@@ -114,7 +97,7 @@ def train_student(
                          f"{tuple(images.shape)}")
     start_time = time.perf_counter()
     torch.manual_seed(seed)  # dropout and any other randomness inside the student
-    rank, world = _world()
+    rank, world = dist_world()
     out_size = images.shape[2]
     # channels_last while training (2x faster small convolutions on the CPU, the layout
     # tensor cores want); undone at the end, so saved weights have the usual layout.

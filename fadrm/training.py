@@ -1,0 +1,31 @@
+"""Helpers shared by the two training loops (squeeze: teachers, student)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["param_groups", "world"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimiser groups: decay on weight matrices/kernels, none on biases and norm parameters.
+
+    Parameters with ``ndim <= 1`` are exactly the biases and the affine parameters of
+    BatchNorm/LayerNorm/GroupNorm layers; decaying them only hurts.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
