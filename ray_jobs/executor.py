@@ -21,6 +21,7 @@ import ray
 import torch
 from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fadrm.pipeline import Stage, StageProgress, WorkerContext
 
@@ -68,6 +69,9 @@ class UnitQueue:
         self.done.add(unit)
         async with self.changed:
             self.changed.notify_all()
+
+    async def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     async def progress(self) -> float:
         return len(self.done) + sum(self.inner.values())
@@ -136,7 +140,10 @@ class RayTrainExecutor:
 
         # Connect only when there is work: an up-to-date re-run never starts Ray.
         connect(self.exe.address, self.exe.threads_per_worker, self.exe.max_workers)
-        queue = UnitQueue.remote(pending)
+        # The queue lives on the driver's node: losing a worker node must never lose the
+        # queue (the driver's own node going away ends the job anyway).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        queue = UnitQueue.options(scheduling_strategy=here).remote(pending)
         if self.on_queue is not None:
             self.on_queue(stage, queue)
         # More workers than units would only idle; collective stages use the full range.

@@ -55,6 +55,9 @@ def _run_with_node_loss(cluster, executor, stage, queues) -> dict:
     thread.start()
     assert started.wait(timeout=120), "the stage never created its unit queue"
     assert not errors, errors
+    # The queue sits on the driver's node, so losing a worker node cannot lose it.
+    driver_node = ray.get_runtime_context().get_node_id()
+    assert ray.get(queues[stage.name].node_id.remote(), timeout=60) == driver_node
     done_before = ray.get(queues[stage.name].wait_done.remote(1), timeout=300)
     inodes = {u: Path(stage.unit_uri(u)).stat().st_ino for u in done_before}
     victim = [n for n in cluster.worker_nodes][-1]
