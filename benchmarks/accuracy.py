@@ -288,6 +288,16 @@ def main(argv: list[str] | None = None) -> dict:
     })
     done = {(r["dataset"], r["method"], r["ipc"], r["seed"]) for r in state["runs"]}
     started = time.perf_counter()
+
+    def out_of_time() -> bool:
+        return bool(args.max_minutes) and (time.perf_counter() - started) / 60 > args.max_minutes
+
+    def stop() -> dict:
+        print(f"[{NAME}] --max-minutes reached; re-run the same command to resume", flush=True)
+        state["complete"] = False
+        _write(state, args_line)
+        return state
+
     print(f"[{NAME}] budget {budget_name} ({signature}); {len(done)} runs already measured",
           flush=True)
 
@@ -299,12 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if (dataset, m, i, s) not in done]
         if not todo:
             continue
-        if args.max_minutes and (time.perf_counter() - started) / 60 > args.max_minutes:
-            print(f"[{NAME}] --max-minutes reached; re-run the same command to resume",
-                  flush=True)
-            state["complete"] = False
-            _write(state, args_line)
-            return state
+        if out_of_time():
+            return stop()
         t0 = time.perf_counter()
         weights = common.train_teachers(data_section(dataset, budget), teachers,
                                         squeeze_section(dataset, budget),
@@ -314,12 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{NAME}] {dataset}: teachers ready in {time.perf_counter() - t0:.0f} s "
               f"(val top-1 {[common.teacher_val_top1(w) for w in weights if w]})", flush=True)
         for method, ipc, seed in todo:
-            if args.max_minutes and (time.perf_counter() - started) / 60 > args.max_minutes:
-                print(f"[{NAME}] --max-minutes reached; re-run the same command to resume",
-                      flush=True)
-                state["complete"] = False
-                _write(state, args_line)
-                return state
+            if out_of_time():
+                return stop()
             cfg = run_config(dataset, method, ipc, seed, budget, weights, args.work / dataset,
                              args.device)
             t0 = time.perf_counter()

@@ -117,9 +117,12 @@ def _load_teacher(plan: "RunPlan", index: int, device: torch.device) -> torch.nn
     model = _teacher_model(plan, index)
     uri = plan.teacher_uri(index)
     if uri is not None:
-        if plan.squeeze_stage(index) is not None:
-            shards.read_artifact(uri)  # verify checksum before trusting the weights
-        load_weights(model, uri)
+        digest = load_weights(model, uri)  # one read: it returns the bytes' sha256
+        expected = plan.teacher_sha256(index)
+        if expected is not None and digest != expected:
+            raise shards.ShardCorruptError(
+                f"{uri}: sha256 {digest[:12]}... does not match recorded {expected[:12]}..."
+            )
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -474,6 +477,16 @@ class RunPlan:
 
     def squeeze_stage(self, index: int) -> SqueezeStage | None:
         return self.squeeze.get(index)
+
+    def teacher_sha256(self, index: int) -> str | None:
+        """sha256 of the teacher's weights as recorded (given weights: hashed when planned;
+        trained ones: their checksum sidecar), without reading the weights again."""
+        fp = self._teacher_fp[index]
+        if fp.startswith("sha256:"):
+            return fp[len("sha256:"):]
+        stage = self.squeeze.get(index)
+        info = shards.shard_info(stage.unit_uri("teacher")) if stage else None
+        return info["sha256"] if info else None
 
     @property
     def stages(self) -> list[Stage]:

@@ -65,7 +65,7 @@ def write_report(plan, timings: dict[str, float], repaired: list[dict] | None = 
         entry = {"model": t.model, "fingerprint": plan._teacher_fp[i], "uri": uri,
                  "recover": i in cfg.recover_teachers, "relabel": i in cfg.relabel_teachers}
         if uri is not None:
-            entry["sha256"] = storage.sha256_bytes(storage.read_bytes(uri))
+            entry["sha256"] = plan.teacher_sha256(i)
         teachers.append(entry)
 
     metrics = {
