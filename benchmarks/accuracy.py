@@ -132,6 +132,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
         rows.append({
             "dataset": dataset, "method": method, "ipc": ipc,
             "seeds": [r["seed"] for r in items], "top1_mean": mean, "top1_std": std,
+            "top1_per_seed": [r["top1"] for r in items],
             "teacher_top1": items[0]["teacher_top1"],
             "of_teacher": mean / items[0]["teacher_top1"] if items[0]["teacher_top1"] else None,
             "top1_best_mean": common.mean_std([r["top1_best"] for r in items])[0],
@@ -167,8 +168,16 @@ def checks(rows: list[dict]) -> dict:
             if f and o and len(f["seeds"]) > 1 and len(o["seeds"]) > 1:
                 margin = f["top1_mean"] - o["top1_mean"]
                 need = 2 * max(f["top1_std"], o["top1_std"])
-                out[f"cifar10_ipc{ipc}_fadrm_above_{other}_by_2std"] = {
-                    "margin": margin, "two_std": need, "met": margin > need}
+                check = {"margin": margin, "two_std": need, "met": margin > need}
+                # Seeds are shared across methods (same selection seed, same views), so
+                # the per-seed differences are paired: reported beside the criterion.
+                pairs = dict(zip(o["seeds"], o.get("top1_per_seed", [])))
+                diffs = [v - pairs[s] for s, v in zip(f["seeds"], f.get("top1_per_seed", []))
+                         if s in pairs]
+                if len(diffs) > 1:
+                    check["paired_diff_mean"], check["paired_diff_std"] = common.mean_std(diffs)
+                    check["paired_diff_min"] = min(diffs)
+                out[f"cifar10_ipc{ipc}_fadrm_above_{other}_by_2std"] = check
         if f and fp:
             out[f"cifar10_ipc{ipc}_fadrm+_above_fadrm"] = {
                 "margin": fp["top1_mean"] - f["top1_mean"],

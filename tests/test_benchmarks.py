@@ -85,3 +85,11 @@ def test_budget_signature_changes_with_the_budget():
     other = dict(cpu, epochs=cpu["epochs"] + 1)
     assert accuracy.budget_signature(cpu) == accuracy.budget_signature(dict(cpu))
     assert accuracy.budget_signature(cpu) != accuracy.budget_signature(other)
+
+
+def test_paired_differences_are_reported_beside_the_two_std_criterion():
+    out = _checks([61, 64, 67], [60, 62, 66], [70, 71, 72])
+    check = out["cifar10_ipc10_fadrm_above_rded_by_2std"]
+    assert check["met"] is False  # margin 4/3 < 2 * 3
+    assert check["paired_diff_mean"] == pytest.approx(4 / 3)
+    assert check["paired_diff_min"] == pytest.approx(1.0)
