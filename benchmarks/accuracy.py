@@ -171,8 +171,8 @@ def checks(rows: list[dict]) -> dict:
                 check = {"margin": margin, "two_std": need, "met": margin > need}
                 # Seeds are shared across methods (same selection seed, same views), so
                 # the per-seed differences are paired: reported beside the criterion.
-                pairs = dict(zip(o["seeds"], o.get("top1_per_seed", [])))
-                diffs = [v - pairs[s] for s, v in zip(f["seeds"], f.get("top1_per_seed", []))
+                pairs = dict(zip(o["seeds"], o["top1_per_seed"]))
+                diffs = [v - pairs[s] for s, v in zip(f["seeds"], f["top1_per_seed"])
                          if s in pairs]
                 if len(diffs) > 1:
                     check["paired_diff_mean"], check["paired_diff_std"] = common.mean_std(diffs)
@@ -245,14 +245,13 @@ def _write(state: dict, args_line: str) -> None:
         ["dataset", "method", "IPC", "seeds", "top-1 mean", "std", "teacher", "of teacher"],
         [[r["dataset"], r["method"], r["ipc"], len(r["seeds"]), r["top1_mean"], r["top1_std"],
           r["teacher_top1"], r["of_teacher"]] for r in rows])
-    wide = wide_table(rows)
     head = (f"Machine: {common.machine_line(state['machine'])}. Budget "
             f"`{state['budget_name']}`{' (QUICK smoke size)' if state['quick'] else ''}: "
             f"teacher {state['budget']['teacher']} (FADRM+ adds "
             f"{state['budget']['teacher2']}), student {state['budget']['student']}, recover "
             f"4 x {state['budget']['iterations']} iterations, {state['budget']['epochs']} "
             f"relabel/student epochs. Command: `{args_line}`.")
-    common.write_markdown(NAME, "Accuracy", [head, wide, table])
+    common.write_markdown(NAME, "Accuracy", [head, wide_table(rows), table])
     plot(rows, common.RESULTS / f"{NAME}.png")
 
 
