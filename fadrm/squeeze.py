@@ -81,10 +81,6 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
                          align_corners=False)
 
 
-
-
-
-
 def train_teacher(
     model: nn.Module,
     train: ImageSet,

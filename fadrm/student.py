@@ -49,8 +49,6 @@ from fadrm.training import param_groups, world as dist_world
 __all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "param_groups", "train_student"]
 
 
-
-
 def cosine_lr(base_lr: float, epoch: int, num_epochs: int, eta: float) -> float:
     """``base_lr * 0.5 * (1 + cos(pi * epoch / (num_epochs * eta)))``; eta = 2 ends at half."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / (num_epochs * eta)))
@@ -66,8 +64,6 @@ def kd_loss_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float
 def hard_loss_sum(student: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum over samples of the cross-entropy to class-probability ``targets`` (fp32, T=1)."""
     return -(targets.float() * F.log_softmax(student.float(), dim=1)).sum()
-
-
 
 
 def train_student(
