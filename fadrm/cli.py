@@ -6,9 +6,12 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
 from fadrm import __version__
-from fadrm.config import ConfigError, RunConfig, list_presets, load_config
+from fadrm.config import RunConfig, list_presets, load_config
+from fadrm.errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, EXIT_WORK_TO_DO, InputError,
+                          MissingDependencyError)
 
 
 def print_summary(cfg: RunConfig, metrics: dict, file=sys.stdout) -> None:
@@ -31,13 +34,41 @@ def _load(args) -> RunConfig:
     return load_config(args.config, args.overrides)
 
 
-def cmd_run(args) -> int:
-    from ray_jobs.distill import run
+EXECUTORS = ("ray", "local")
 
+
+def create_executor(cfg: RunConfig, name: str = "ray"):
+    """The executor called ``name``: 'ray' (Ray Train on an embedded or remote Ray cluster)
+    or 'local' (every unit in this process, on ``execution.device``; needs no Ray)."""
+    if name == "local":
+        from fadrm.pipeline import LocalExecutor
+
+        return LocalExecutor(cfg.execution.device)
+    if name != "ray":
+        raise InputError(f"--executor: unknown executor {name!r}; choose from {EXECUTORS}")
+    try:
+        import ray  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "ray", "the Ray executor (the default of `fadrm run`)",
+            "pip install 'ray[train]'; or run in this process with --executor local") from exc
+    from ray_jobs.executor import RayTrainExecutor
+
+    return RayTrainExecutor(cfg)
+
+
+def run_config(cfg: RunConfig, executor: str = "ray", show_progress: bool = True) -> dict:
+    """Run every stage of ``cfg`` that is not complete; returns the run's metrics."""
+    from fadrm.pipeline import run_pipeline
+
+    return run_pipeline(cfg, create_executor(cfg, executor), show_progress=show_progress)
+
+
+def cmd_run(args) -> int:
     cfg = _load(args)
-    metrics = run(cfg, show_progress=not args.no_progress)
+    metrics = run_config(cfg, args.executor, show_progress=not args.no_progress)
     print_summary(cfg, metrics)
-    return 0
+    return EXIT_OK
 
 
 def cmd_status(args) -> int:
@@ -52,7 +83,7 @@ def cmd_status(args) -> int:
             units = f"{s.done_units}/{s.total_units} units"
             print(f"{s.name:<12} {s.state:<8} {units:<14} {s.reason}")
         print("up to date" if status.up_to_date else "work to do")
-    return 0 if status.up_to_date else 1
+    return EXIT_OK if status.up_to_date else EXIT_WORK_TO_DO
 
 
 def cmd_presets(args) -> int:
@@ -65,7 +96,7 @@ def cmd_demo(args) -> int:
     from fadrm.demo import run_demo
 
     return run_demo(output=args.output, overrides=args.overrides,
-                    show_progress=not args.no_progress)
+                    show_progress=not args.no_progress, executor=args.executor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="KEY=VALUE", help="override a config key, e.g. recover.alpha=0.4")
         return p
 
-    p = with_config(sub.add_parser("run", help="run the whole pipeline for a config"))
+    def with_executor(p):
+        p.add_argument("--executor", choices=EXECUTORS, default="ray",
+                       help="ray (default): Ray Train on an embedded local Ray instance, or "
+                            "on execution.address; local: every unit in this process on "
+                            "execution.device, without Ray")
+        return p
+
+    p = with_executor(with_config(sub.add_parser("run", help="run the whole pipeline for a "
+                                                 "config")))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -98,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the demo config")
     p.add_argument("--no-progress", action="store_true")
+    with_executor(p)
     p.set_defaults(func=cmd_demo)
 
     from fadrm.watch import add_watch_arguments, run_watch
@@ -112,18 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RESUME_HINT = "finished units are kept; run the same command again to resume"
+
+
+def report_error(exc: BaseException, verbose: bool = False, file=sys.stderr) -> int:
+    """Print ``exc`` as one ``error: ...`` line (``verbose``: with the traceback first) and
+    return the exit code: 2 for bad input, 130 for Ctrl-C, 3 for a run that failed."""
+    if verbose and not isinstance(exc, KeyboardInterrupt):
+        traceback.print_exception(exc, file=file)
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"interrupted: {RESUME_HINT}", file=file)
+        return 130
+    if isinstance(exc, (InputError, FileNotFoundError, IsADirectoryError)):
+        print(f"error: {exc}", file=file)
+        return EXIT_BAD_INPUT
+    print(f"error: run failed: {type(exc).__name__}: {exc}\n({RESUME_HINT}; -v shows the "
+          f"traceback)", file=file)
+    return EXIT_RUN_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line per failure
+        return report_error(exc, verbose=args.verbose)
 
 
 if __name__ == "__main__":

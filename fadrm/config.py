@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from fadrm.errors import InputError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem; the message starts with the key path."""
 
     def __init__(self, path: str, message: str):

@@ -39,6 +39,7 @@ from PIL import Image, ImageOps
 
 from fadrm import storage
 from fadrm.config import DataConfig
+from fadrm.errors import InputError
 
 __all__ = [
     "ImageSet",
@@ -112,7 +113,7 @@ def pixel_bounds(mean: list[float], std: list[float]) -> tuple[torch.Tensor, tor
 # --------------------------------------------------------------------------- shared helpers
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The data set on disk is not usable (empty class, class mismatch, malformed file)."""
 
 

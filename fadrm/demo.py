@@ -16,9 +16,8 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def run_demo(output: str = "runs/demo", overrides: list[str] | None = None,
-             show_progress: bool = True) -> int:
-    from fadrm.cli import print_summary
-    from ray_jobs.distill import run
+             show_progress: bool = True, executor: str = "ray") -> int:
+    from fadrm.cli import print_summary, run_config
 
     base = [f"output={output}", *(overrides or [])]
     fadrm_cfg = load_config("demo", base)
@@ -33,7 +32,7 @@ def run_demo(output: str = "runs/demo", overrides: list[str] | None = None,
     results = {}
     for cfg in (baseline_cfg, fadrm_cfg):
         print(f"\n>>> {cfg.name}: {cfg.recover.method}", flush=True)
-        results[cfg.recover.method] = run(cfg, show_progress=show_progress)
+        results[cfg.recover.method] = run_config(cfg, executor, show_progress=show_progress)
         print_summary(cfg, results[cfg.recover.method])
     elapsed = time.perf_counter() - start
     fa, rr = results["fadrm"], results["random-real"]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fadrm import storage
+from fadrm.errors import InputError
 
 __all__ = [
     "ConvNet",
@@ -314,7 +315,7 @@ def apply_small_stem(model: nn.Module, in_chans: int = 3, what: str = "") -> nn.
 # --------------------------------------------------------------------------- weights
 
 
-class WeightsError(RuntimeError):
+class WeightsError(InputError):
     """A weights file that cannot be loaded into the given model."""
 
 
