@@ -72,9 +72,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from fadrm.pipeline import RunPlan
+    from fadrm.preflight import preflight
 
-    status = RunPlan(_load(args)).status()
+    status = preflight(_load(args), write_probe=False).plan.status()
     if args.json:
         print(json.dumps({"up_to_date": status.up_to_date, "fingerprints": status.fingerprints,
                           "stages": [s.__dict__ for s in status.stages]}, indent=2))

@@ -222,6 +222,10 @@ class RecoverConfig:
     flip: bool = True
     class_block_size: int = 0
     """Classes per work unit / batch (one image per class); 0 -> all classes."""
+    allow_no_bn: bool = False
+    """Allow a recover teacher without BatchNorm running statistics for the BN-matching
+    methods (sre2l, fadrm, fadrm+): its BN term is 0, so recover optimises cross-entropy
+    only (not FADRM). Off: such a teacher is an error before any stage runs."""
     channels_last: bool = True
     """Run the teachers in the channels_last memory layout (faster convolutions and
     batch-norm statistics; the loss is the same up to float rounding)."""
@@ -415,6 +419,10 @@ class RunConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
+    # Not a field (never in config.yaml or a stage key): key paths of the local paths that
+    # were given relative to the working directory, set by config_from_dict.
+    relative_paths: typing.ClassVar[list[str]] = []
+
     def validate(self) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError("name", f"must be a non-empty name without '/', got {self.name!r}")
@@ -542,8 +550,21 @@ def config_from_dict(data: dict) -> RunConfig:
         raise ConfigError("", f"a run config must be a mapping, got {type(data).__name__}")
     cfg = _build(RunConfig, data, "")
     cfg.validate()
-    _absolute_paths(cfg)
+    _check_model_names(cfg)
+    cfg.relative_paths = _absolute_paths(cfg)
     return cfg
+
+
+def _check_model_names(cfg: RunConfig) -> None:
+    """Every teacher and the student name a model some source has (did-you-mean if not)."""
+    from fadrm.models import ModelNameError, check_model_name
+
+    named = [(f"teachers[{i}].model", t.model) for i, t in enumerate(cfg.teachers)]
+    for path, name in [*named, ("student.model", cfg.student.model)]:
+        try:
+            check_model_name(name)
+        except ModelNameError as exc:
+            raise ConfigError(path, str(exc)) from None
 
 
 def _absolute(path: str | None) -> str | None:
@@ -552,14 +573,26 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().absolute())
 
 
-def _absolute_paths(cfg: RunConfig) -> None:
+def _absolute_paths(cfg: RunConfig) -> list[str]:
+    """Resolve relative local paths against the working directory; returns the key paths
+    of those that were relative (a submitted job's working directory is a temporary copy,
+    so such a config must not be submitted: see fadrm.preflight)."""
     # Ray workers run in their own working directories: a relative local path must mean
     # the same file on the driver and on every worker, so resolve it here, once.
-    cfg.output = _absolute(cfg.output)
-    cfg.data.root = _absolute(cfg.data.root)
-    cfg.data.val_root = _absolute(cfg.data.val_root)
-    for t in cfg.teachers:
-        t.weights = _absolute(t.weights)
+    relative = []
+
+    def resolve(path: str | None, key: str) -> str | None:
+        absolute = _absolute(path)
+        if absolute != path and path and not Path(path).expanduser().is_absolute():
+            relative.append(key)
+        return absolute
+
+    cfg.output = resolve(cfg.output, "output")
+    cfg.data.root = resolve(cfg.data.root, "data.root")
+    cfg.data.val_root = resolve(cfg.data.val_root, "data.val_root")
+    for i, t in enumerate(cfg.teachers):
+        t.weights = resolve(t.weights, f"teachers[{i}].weights")
+    return relative
 
 
 def config_to_dict(cfg: Any) -> dict:

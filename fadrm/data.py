@@ -597,3 +597,43 @@ def class_names(cfg: DataConfig) -> list[str]:
     labels = parse_idx(label_bytes, uri)
     digest = hashlib.sha256(label_bytes).hexdigest()
     return _idx_classes(cfg.root, int(labels.max()) + 1 if len(labels) else 0, {digest})
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What a data set holds, from its listing and labels alone (nothing decoded)."""
+
+    classes: list[str]
+    train_counts: list[int]
+    """Training images per class (after hold-out and max_train_per_class)."""
+    val_counts: list[int]
+    """Validation images per class (after max_val)."""
+    where: str
+    """How to name a class's images in a message: a folder pattern or the IDX file."""
+
+
+def summarize(cfg: DataConfig) -> DataSummary:
+    """Classes and images per class of ``cfg``'s data, checked (train and validation classes
+    agree, no class is empty) without decoding an image."""
+    cfg.validate("data")
+    if cfg.kind == "imagefolder":
+        classes, train_files, val_files = _folder_splits(cfg)
+        train, val = [f.label for f in train_files], [f.label for f in val_files]
+        where = storage.join(cfg.root, "<class>")
+    else:
+        train_base, val_base = IDX_FILES["train"][1], IDX_FILES["val"][1]
+        labels = []
+        for base in (train_base, val_base):
+            uri = _idx_uri(cfg.root, base)
+            labels.append(parse_idx(storage.read_bytes(uri), uri).astype(np.int64).tolist())
+        classes = class_names(cfg)
+        keep = _select(labels[0], [str(i) for i in range(len(labels[0]))], cfg.split_seed,
+                       cfg.max_train_per_class, None)
+        train = [labels[0][i] for i in keep]
+        keep = _select(labels[1], [str(i) for i in range(len(labels[1]))], cfg.split_seed,
+                       None, cfg.max_val)
+        val = [labels[1][i] for i in keep]
+        where = _idx_uri(cfg.root, train_base)
+    count = lambda labels: np.bincount(np.asarray(labels, dtype=np.int64),  # noqa: E731
+                                       minlength=len(classes)).tolist()
+    return DataSummary(classes, count(train), count(val), where)

@@ -35,6 +35,12 @@ __all__ = [
     "load_weights",
     "save_weights",
     "has_batchnorm",
+    "has_bn_statistics",
+    "check_model_name",
+    "ModelNameError",
+    "check_weights_fit",
+    "PretrainedFile",
+    "pretrained_file",
 ]
 
 # (num_classes, in_chans, image_size) -> model
@@ -208,9 +214,23 @@ _SOURCES: dict[str, _Source] = {
 }
 
 
+class ModelNameError(InputError):
+    """A model name that no source (built-in, timm, torchvision) knows."""
+
+
+# Prefixes a name may carry besides the sources: timm's own hub references.
+_PASS_THROUGH_PREFIXES = ("hf-hub", "hf_hub", "timm-hub")
+
+
 def _resolve(name: str) -> tuple[str, str]:
-    """(source, bare name) for ``name`` or ``source:name``; ValueError with suggestions."""
+    """(source, bare name) for ``name`` or ``source:name``; ModelNameError with suggestions."""
     prefix, _, rest = name.partition(":")
+    if rest and prefix not in _SOURCES and prefix not in _PASS_THROUGH_PREFIXES:
+        raise ModelNameError(
+            f"unknown model source {prefix + ':'!r} in {name!r}; write the name alone "
+            f"(built-in, then timm, then torchvision) or with one of the prefixes "
+            f"{', '.join(s + ':' for s in _SOURCES if s != 'builtin')}"
+        )
     if rest and prefix in _SOURCES:
         candidates = [(prefix, rest)]
     else:
@@ -218,14 +238,21 @@ def _resolve(name: str) -> tuple[str, str]:
     for src, bare in candidates:
         if _SOURCES[src].has(bare):
             return src, bare
-    all_names = [n for s in _SOURCES.values() for n in s.names()]
+    sources = [prefix] if rest and prefix in _SOURCES else list(_SOURCES)
+    all_names = [n for s in sources for n in _SOURCES[s].names()]
     all_names = list(dict.fromkeys(all_names))  # timm and torchvision share names
-    close = difflib.get_close_matches(name.partition(":")[2] or name, all_names, n=5)
+    bare = rest if rest and prefix in _SOURCES else name
+    close = difflib.get_close_matches(bare, all_names, n=5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(
-        f"unknown model {name!r} (not a built-in {builtin_models()}, timm or torchvision "
-        f"model){hint}"
-    )
+    where = (f"a {prefix} model" if rest and prefix in _SOURCES else
+             f"a built-in {builtin_models()}, timm or torchvision model")
+    raise ModelNameError(f"unknown model {name!r} (not {where}){hint}")
+
+
+def check_model_name(name: str) -> str:
+    """The source ('builtin', 'timm' or 'torchvision') that ``name`` resolves to; raises
+    :class:`ModelNameError` (with did-you-mean suggestions) when none has it."""
+    return _resolve(name)[0]
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, image_size: int = 224,
@@ -379,18 +406,8 @@ def _fit_problems(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
     return problems
 
 
-def load_weights(model: nn.Module, uri: str) -> str:
-    """Load a state_dict from ``uri`` (path or s3://) into ``model``; returns its sha256.
-
-    Accepts a bare state_dict or a checkpoint dict holding one under 'state_dict', 'model'
-    or 'model_state_dict'; 'module.' / '_orig_mod.' prefixes are stripped.
-    """
-    label = _label(model)
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"weights for model {label}: {uri} not found") from exc
-    digest = storage.sha256_bytes(data)
+def _parse_state(data: bytes, uri: str, label: str) -> dict[str, torch.Tensor]:
+    """The state_dict in checkpoint bytes (weights_only), with wrapper prefixes stripped."""
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling raises many types
@@ -407,7 +424,33 @@ def load_weights(model: nn.Module, uri: str) -> str:
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise WeightsError(f"{uri}: not a state_dict (got {type(obj).__name__}) for model "
                            f"{label}")
-    state = {_strip(k): v for k, v in obj.items()}
+    return {_strip(k): v for k, v in obj.items()}
+
+
+def check_weights_fit(model: nn.Module, data: bytes, uri: str) -> None:
+    """Raise :class:`WeightsError` unless the checkpoint bytes fit ``model`` (key names and
+    shapes). ``model`` may live on the meta device: only its state_dict's shapes are used."""
+    label = _label(model)
+    problems = _fit_problems(_unwrap(model), _parse_state(data, uri, label))
+    if problems:
+        raise WeightsError(f"{uri}: weights do not fit model {label}: " + "; ".join(problems))
+
+
+def load_weights(model: nn.Module, uri: str, data: bytes | None = None) -> str:
+    """Load a state_dict from ``uri`` (path or s3://) into ``model``; returns its sha256.
+
+    Accepts a bare state_dict or a checkpoint dict holding one under 'state_dict', 'model'
+    or 'model_state_dict'; 'module.' / '_orig_mod.' prefixes are stripped. ``data``: the
+    file's bytes when the caller has read them already (they are not read again).
+    """
+    label = _label(model)
+    if data is None:
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"weights for model {label}: {uri} not found") from exc
+    digest = storage.sha256_bytes(data)
+    state = _parse_state(data, uri, label)
     target = _unwrap(model)
     problems = _fit_problems(target, state)
     if problems:
@@ -432,3 +475,73 @@ def save_weights(model: nn.Module, uri: str) -> str:
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether any BatchNorm layer (with running statistics to match) is present."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def has_bn_statistics(model: nn.Module) -> bool:
+    """Whether some BatchNorm layer keeps running statistics (what recover's BN loss matches)."""
+    # The layers recover's BN loss hooks (fadrm.synthesis.BNStatLoss).
+    return any(isinstance(m, nn.BatchNorm2d) and m.running_mean is not None
+               for m in model.modules())
+
+
+# --------------------------------------------------------------------------- pretrained
+
+
+@dataclass(frozen=True)
+class PretrainedFile:
+    """Where a named model's pretrained weights come from and where they are cached."""
+
+    name: str
+    url: str
+    """What the library would download (a URL or a Hugging Face Hub file)."""
+    path: str
+    """The local file the library reads instead of downloading, once it is there."""
+
+    @property
+    def cached(self) -> bool:
+        import os
+
+        return os.path.isfile(self.path)
+
+
+def pretrained_file(name: str) -> PretrainedFile | None:
+    """The file ``create_model(name, pretrained=True)`` reads, or None where the source
+    names no single file (a built-in model has no pretrained weights at all)."""
+    import os
+
+    src, bare = _resolve(name)
+    hub_checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
+    if src == "torchvision":
+        import torchvision.models as tvm
+
+        url = tvm.get_model_weights(bare).DEFAULT.url
+        return PretrainedFile(name, url, os.path.join(hub_checkpoints, os.path.basename(url)))
+    if src != "timm":
+        return None
+    from timm.models import get_pretrained_cfg
+
+    pcfg = get_pretrained_cfg(bare)
+    if pcfg is None:
+        return None
+    if pcfg.file:
+        return PretrainedFile(name, pcfg.file, pcfg.file)
+    if pcfg.hf_hub_id:
+        try:
+            import huggingface_hub
+        except ImportError:
+            huggingface_hub = None
+        if huggingface_hub is not None:
+            # timm prefers the Hub: safetensors first, then the pickled file.
+            for filename in ("model.safetensors", "pytorch_model.bin"):
+                hit = huggingface_hub.try_to_load_from_cache(pcfg.hf_hub_id, filename)
+                if isinstance(hit, str):
+                    return PretrainedFile(name, f"hf://{pcfg.hf_hub_id}/{filename}", hit)
+            from huggingface_hub import constants
+
+            path = os.path.join(constants.HF_HUB_CACHE,
+                                "models--" + pcfg.hf_hub_id.replace("/", "--"))
+            return PretrainedFile(name, f"hf://{pcfg.hf_hub_id}/model.safetensors", path)
+    if pcfg.url:
+        return PretrainedFile(name, pcfg.url,
+                              os.path.join(hub_checkpoints, os.path.basename(pcfg.url)))
+    return None

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from fadrm.config import SelectConfig
-from fadrm.data import ImageSet, normalize
+from fadrm.data import DataError, ImageSet, normalize
 
 __all__ = ["class_generator", "score_realism", "select_patches", "random_real", "noise_init"]
 
@@ -164,7 +164,7 @@ def _select_class(
     pool = train.indices_of(class_id)
     num = min(cfg.num_candidates, int(pool.numel()))
     if num < need:
-        raise ValueError(
+        raise DataError(
             f"select_patches: {_class_name(train, class_id)} has {num} usable patches "
             f"(one per real image, {pool.numel()} images) but needs {need} "
             f"(ipc {ipc} x factor^2 {cfg.factor**2})"
@@ -203,7 +203,7 @@ def random_real(train: ImageSet, class_ids: list[int], ipc: int, seed: int) -> t
     for k, class_id in enumerate(class_ids):
         pool = train.indices_of(class_id)
         if pool.numel() < ipc:
-            raise ValueError(
+            raise DataError(
                 f"random_real: {_class_name(train, class_id)} has {pool.numel()} images "
                 f"but ipc is {ipc}"
             )

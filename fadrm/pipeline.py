@@ -117,7 +117,8 @@ def _load_teacher(plan: "RunPlan", index: int, device: torch.device) -> torch.nn
     model = _teacher_model(plan, index)
     uri = plan.teacher_uri(index)
     if uri is not None:
-        digest = load_weights(model, uri)  # one read: it returns the bytes' sha256
+        # One read (none when the plan holds the bytes): it returns the bytes' sha256.
+        digest = load_weights(model, uri, plan.teacher_bytes(index))
         expected = plan.teacher_sha256(index)
         if expected is not None and digest != expected:
             raise shards.ShardCorruptError(
@@ -413,11 +414,13 @@ class RunPlan:
 
         self.squeeze: dict[int, SqueezeStage] = {}
         self._teacher_fp: list[str] = []
+        # Given weights, read once here (fingerprint, preflight's fit check, and the stages
+        # of an in-process executor); never pickled to Ray workers, which read the URI.
+        self._weights: dict[int, bytes] = {}
         for i, t in enumerate(cfg.teachers):
             if t.weights:
-                self._teacher_fp.append(
-                    "sha256:" + storage.sha256_bytes(storage.read_bytes(t.weights))
-                )
+                self._weights[i] = storage.read_bytes(t.weights)
+                self._teacher_fp.append("sha256:" + storage.sha256_bytes(self._weights[i]))
             elif t.pretrained:
                 self._teacher_fp.append(f"pretrained:{t.model}")
             else:
@@ -441,8 +444,10 @@ class RunPlan:
 
         self.recover: RecoverStage | None = None
         if spec.optimize:
+            recover_cfg = dataclasses.asdict(cfg.recover)
+            recover_cfg.pop("allow_no_bn")  # a permission, not an input: same bytes either way
             self.recover = RecoverStage(self, StageKey("recover", {
-                "recover": dataclasses.asdict(cfg.recover),
+                "recover": recover_cfg,
                 "init": self.select.key.key if self.select else "noise",
                 "teachers": [self._teacher_fp[i] for i in cfg.recover_teachers],
                 "ipc": cfg.ipc, "seed": cfg.seed, "data": self._data,
@@ -463,6 +468,15 @@ class RunPlan:
             "teachers": self._teacher_fp,
             "data": self._data, "max_val": d.max_val, "seed": cfg.seed, "version": __version__,
         }))
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_weights"] = {}  # workers read the weights themselves (see __init__)
+        return state
+
+    def teacher_bytes(self, index: int) -> bytes | None:
+        """The given weights of teacher ``index`` as read when planning (None: not cached)."""
+        return self._weights.get(index)
 
     def block_classes(self, block: int) -> list[int]:
         start = block * self.block_size
@@ -604,12 +618,15 @@ def repair_outputs(plan: RunPlan, full: bool = True) -> list[dict]:
 def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> dict:
     """Run every stage that is not complete, then write the run report. Returns metrics.
 
-    When every stage is already complete and the run's report matches the current stage
-    keys, nothing is computed or rewritten: the previous metrics are returned ("up to date").
+    The inputs are checked first (:func:`fadrm.preflight.preflight`: output writable, data,
+    teachers), so bad input fails in seconds, before any stage. When every stage is already
+    complete and the run's report matches the current stage keys, nothing is computed or
+    rewritten: the previous metrics are returned ("up to date").
     """
+    from fadrm.preflight import preflight
     from fadrm.report import write_report
 
-    plan = RunPlan(cfg)
+    plan = preflight(cfg).plan
     damaged = repair_outputs(plan, full=cfg.execution.verify_outputs)
     todo = {_stage_label(s): s.pending() for s in plan.stages}
     if not damaged and not any(todo.values()):

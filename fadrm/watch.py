@@ -250,6 +250,8 @@ class KubernetesTarget:
     service account, or from ~/.kube/config outside a cluster.
     """
 
+    kind = "kubernetes"
+
     group, version, plural = "ray.io", "v1", "rayjobs"
 
     def __init__(self, template: dict, namespace: str | None = None, api: Any = None):
@@ -265,7 +267,14 @@ class KubernetesTarget:
     @property
     def api(self) -> Any:
         if self._api is None:
-            from kubernetes import client, config
+            try:
+                from kubernetes import client, config
+            except ImportError as exc:
+                from fadrm.errors import MissingDependencyError
+
+                raise MissingDependencyError(
+                    "kubernetes", "`fadrm watch --target kubernetes`",
+                    "pip install 'fadrm[k8s]' or pip install 'kubernetes<37'") from exc
 
             try:
                 config.load_incluster_config()
@@ -320,6 +329,8 @@ class RayJobsTarget:
     ``python -m ray_jobs.distill --config run.yaml``.
     """
 
+    kind = "ray"
+
     def __init__(
         self,
         address: str,
@@ -338,7 +349,13 @@ class RayJobsTarget:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from ray.job_submission import JobSubmissionClient
+            try:
+                from ray.job_submission import JobSubmissionClient
+            except ImportError as exc:
+                from fadrm.errors import MissingDependencyError
+
+                raise MissingDependencyError(
+                    "ray", "`fadrm watch --target ray`", "pip install 'ray[default]'") from exc
 
             self._client = JobSubmissionClient(self.address, headers=self._auth_headers())
         return self._client
@@ -391,9 +408,11 @@ class RayJobsTarget:
 
 
 def _lineage_run_status(cfg: Any) -> Any:
-    from fadrm.lineage import run_status  # imported late: it pulls in storage backends
+    # Imported late: it pulls in storage backends. Preflight first, so a bad input is an
+    # error here, in seconds, instead of a submitted run that fails on the cluster.
+    from fadrm.preflight import preflight
 
-    return run_status(cfg)
+    return preflight(cfg, write_probe=False).plan.status()
 
 
 def watch(
@@ -405,8 +424,10 @@ def watch(
 ) -> Decision:
     """Check staleness of the run in ``cfg_path`` and submit it to ``target`` if needed."""
     from fadrm.config import load_config
+    from fadrm.preflight import check_submittable
 
     cfg = load_config(cfg_path)
+    check_submittable(cfg, f"`fadrm watch --target {getattr(target, 'kind', 'cluster')}`")
     status = (status_fn or _lineage_run_status)(cfg)
     for stage in status.stages:
         log.info("stage %-9s %-8s %s", stage.name, stage.state, getattr(stage, "reason", ""))
@@ -431,7 +452,9 @@ def watch(
 
 def add_watch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fadrm watch``."""
-    parser.add_argument("--config", required=True, help="run config YAML (or preset name)")
+    parser.add_argument("config", nargs="?", help="run config YAML (or preset name)")
+    parser.add_argument("--config", dest="config_opt", metavar="CONFIG",
+                        help="the same, as an option")
     parser.add_argument(
         "--target", choices=("kubernetes", "ray"), default="kubernetes",
         help="kubernetes: create a KubeRay RayJob from --template; "
@@ -459,18 +482,22 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_watch(args: argparse.Namespace) -> int:
     """``fadrm watch``: 0 when the check ran (whether or not it submitted), else 1/2."""
-    from fadrm.config import ConfigError
+    from fadrm.errors import InputError
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    source = getattr(args, "config_opt", None) or args.config
+    if not source:
+        log.error("a config is required (fadrm watch CONFIG or --config CONFIG)")
+        return 2
     try:
         if args.target == "kubernetes":
             target: Any = KubernetesTarget.from_file(args.template, namespace=args.namespace)
         else:
             target = RayJobsTarget(args.address)
-        decision = watch(args.config, target, dry_run=args.dry_run)
-    except ConfigError as exc:
-        log.error("invalid config: %s", exc)
+        decision = watch(source, target, dry_run=args.dry_run)
+    except (InputError, FileNotFoundError) as exc:
+        log.error("error: %s", exc)
         return 2
     except Exception as exc:  # an unreachable API or storage: fail the (Cron)Job visibly
         log.error("watch failed: %s: %s", type(exc).__name__, exc)

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from fadrm.config import ConfigError, load_config
+from fadrm.config import load_config
 
 
 def connect(address: str | None, threads: int, max_workers: int) -> None:
@@ -40,20 +40,29 @@ def run(cfg, show_progress: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes as ``fadrm run``: 0 done, 2 bad input (nothing ran), 3 the run failed."""
+    from fadrm.cli import print_summary, report_error
+    from fadrm.preflight import check_submittable, running_as_ray_job
+
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.distill", description=__doc__)
-    parser.add_argument("--config", required=True, help="run config YAML (or a preset name)")
+    parser.add_argument("config", nargs="?", help="run config YAML (or a preset name)")
+    parser.add_argument("--config", dest="config_opt", metavar="CONFIG",
+                        help="the same, as an option")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key, e.g. recover.alpha=0.4")
+    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     args = parser.parse_args(argv)
+    source = args.config_opt or args.config
+    if not source:
+        parser.error("a config is required (CONFIG or --config CONFIG)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    from fadrm.cli import print_summary
-
-    metrics = run(cfg, show_progress=sys.stderr.isatty())
+        cfg = load_config(source, args.overrides)
+        if running_as_ray_job():
+            check_submittable(cfg, "a job submitted to the Ray Jobs API")
+        metrics = run(cfg, show_progress=sys.stderr.isatty())
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line per failure
+        return report_error(exc, verbose=args.verbose)
     print_summary(cfg, metrics)
     return 0
 
