@@ -14,9 +14,10 @@ from fadrm.errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, EXIT_WORK_TO
                           MissingDependencyError)
 
 
-def print_summary(cfg: RunConfig, metrics: dict, file=sys.stdout) -> None:
+def print_summary(cfg: RunConfig, metrics: dict, file=None) -> None:
     from fadrm import storage
 
+    file = file or sys.stdout
     run_dir = storage.join(cfg.output, "runs", cfg.name)
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in metrics["stage_seconds"].items())
     print(f"\n== {cfg.name}: {metrics['method']} IPC{metrics['ipc']} "
@@ -155,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 RESUME_HINT = "finished units are kept; run the same command again to resume"
 
 
-def report_error(exc: BaseException, verbose: bool = False, file=sys.stderr) -> int:
+def report_error(exc: BaseException, verbose: bool = False, file=None) -> int:
     """Print ``exc`` as one ``error: ...`` line (``verbose``: with the traceback first) and
     return the exit code: 2 for bad input, 130 for Ctrl-C, 3 for a run that failed."""
+    file = file or sys.stderr
     if verbose and not isinstance(exc, KeyboardInterrupt):
         traceback.print_exception(exc, file=file)
     if isinstance(exc, KeyboardInterrupt):

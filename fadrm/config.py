@@ -363,6 +363,10 @@ class ExecutionConfig:
     """Seconds Ray Train waits for a worker group before retrying smaller (elastic); None ->
     Ray's default (60). Lower it to recover faster from a node loss on a fixed cluster;
     keep it above your autoscaler's node start time."""
+    resource_wait_s: float | None = 1800.0
+    """Seconds a stage may wait for its first worker group (workers or GPUs the cluster
+    does not have yet; the driver says once a minute what it waits for) before the run
+    fails; None -> wait forever. Keep it above your autoscaler's GPU node start time."""
     verify_outputs: bool = True
     """Check every complete output's sha256 before a run (False: sizes only); damaged
     outputs are discarded and regenerated."""
@@ -379,6 +383,8 @@ class ExecutionConfig:
             raise ConfigError(f"{p}.max_failures", "must be >= -1 (-1 = retry forever)")
         if self.worker_start_timeout_s is not None:
             _positive(self.worker_start_timeout_s, f"{p}.worker_start_timeout_s")
+        if self.resource_wait_s is not None:
+            _positive(self.resource_wait_s, f"{p}.resource_wait_s")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{p}.device", "must be 'auto', 'cpu' or 'cuda'")
 

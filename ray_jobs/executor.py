@@ -7,13 +7,26 @@ Collective stages (teacher and student training) run once on all workers, as DDP
 
 When Ray Train restarts a failed worker group, the new group announces a fresh
 *generation*; units that the old group had taken but not finished go back to the queue.
+
+Only failures of the run itself (a lost worker or node, an out-of-memory kill) are worth a
+restart. A bad input (:class:`~fadrm.errors.InputError`: config, data, weights) fails the
+same way on every attempt, so a worker that meets one records it in the queue and stops
+instead of raising: the other workers find no more units, the stage ends at once, and the
+driver raises the recorded error, once.
+
+The driver runs ``trainer.fit()`` in a thread and watches it: progress, one line a minute
+while no worker group could start (workers or GPUs not there yet), a bound on that wait
+(``execution.resource_wait_s``), and Ctrl-C, which ends the run within seconds (finished
+units are in storage already; the same command resumes).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
+import time
 import uuid
 from collections import deque
 
@@ -23,6 +36,7 @@ from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from fadrm.errors import InputError
 from fadrm.pipeline import Stage, StageProgress, WorkerContext
 
 log = logging.getLogger("ray_jobs.executor")
@@ -40,6 +54,7 @@ class UnitQueue:
         self.inner: dict[str, float] = {}  # unit -> fraction done
         self.done: set[str] = set()
         self.generation: str | None = None
+        self.failure: str | None = None  # a bad-input error a worker met (not retried)
         self.changed = asyncio.Condition()
 
     async def enter(self, generation: str) -> None:
@@ -53,7 +68,7 @@ class UnitQueue:
         self.generation = generation
 
     async def next(self, generation: str) -> str | None:
-        if generation != self.generation or not self.pending:
+        if generation != self.generation or not self.pending or self.failure is not None:
             return None
         unit = self.pending.popleft()
         self.in_flight[unit] = generation
@@ -69,6 +84,16 @@ class UnitQueue:
         self.done.add(unit)
         async with self.changed:
             self.changed.notify_all()
+
+    async def fail(self, message: str) -> None:
+        """Record a deterministic (bad-input) failure: no unit is handed out after it."""
+        if self.failure is None:
+            self.failure = message
+
+    async def state(self) -> tuple[float, bool, str | None]:
+        """(units done incl. fractions, whether a worker group has started, failure)."""
+        done = len(self.done) + sum(self.inner.values())
+        return done, self.generation is not None, self.failure
 
     async def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -101,7 +126,15 @@ def _worker_loop(config: dict) -> None:
     ctx = WorkerContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
 
     if stage.collective:
-        state = stage.setup(ctx)
+        # Every rank sets up, then all learn together whether one met a bad input (a rank
+        # that returned early would leave the others waiting in a collective forever).
+        try:
+            state = stage.setup(ctx)
+        except InputError as exc:
+            ray.get(queue.fail.remote(str(exc)))
+        ray.train.collective.barrier()
+        if ray.get(queue.state.remote())[2] is not None:
+            return
         for unit in config["units"]:
             if rank == 0:
                 ctx.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
@@ -113,12 +146,44 @@ def _worker_loop(config: dict) -> None:
         return
 
     state = None
-    while (unit := ray.get(queue.next.remote(generation))) is not None:
-        if state is None:  # load data/teachers only once there is work for this worker
-            state = stage.setup(ctx)
-        ctx.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
-        stage.run_unit(state, unit, ctx)
-        ray.get(queue.finish.remote(unit))
+    try:
+        while (unit := ray.get(queue.next.remote(generation))) is not None:
+            if state is None:  # load data/teachers only once there is work for this worker
+                state = stage.setup(ctx)
+            ctx.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
+            stage.run_unit(state, unit, ctx)
+            ray.get(queue.finish.remote(unit))
+    except InputError as exc:
+        ray.get(queue.fail.remote(str(exc)))
+
+
+class StageFailed(RuntimeError):
+    """A stage's workers failed after every retry; the message is the first worker's error."""
+
+
+class ResourceWaitTimeout(RuntimeError):
+    """No worker group could start within ``execution.resource_wait_s``."""
+
+
+def _unwrap(exc: BaseException, label: str) -> BaseException:
+    """Ray Train's failure as one readable error: the first worker's own exception."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        inner = failures[rank]
+        cause = getattr(inner, "cause", None)  # a RayTaskError wraps the user's exception
+        inner = cause if isinstance(cause, BaseException) else inner
+        if isinstance(inner, InputError):
+            return InputError(f"{label}: {inner}")
+        lines = str(inner).strip().splitlines()
+        text = lines[0] if lines else ""
+        return StageFailed(f"{label}: worker {rank} failed after retries: "
+                           f"{type(inner).__name__}: {text}")
+    failure = getattr(exc, "controller_failure", None)
+    if failure is not None:
+        return StageFailed(f"{label}: Ray Train controller failed: "
+                           f"{type(failure).__name__}: {failure}")
+    return exc
 
 
 class RayTrainExecutor:
@@ -140,6 +205,12 @@ class RayTrainExecutor:
 
         # Connect only when there is work: an up-to-date re-run never starts Ray.
         connect(self.exe.address, self.exe.threads_per_worker, self.exe.max_workers)
+        if self.exe.use_gpu and not self.exe.address and not os.environ.get("RAY_ADDRESS") \
+                and ray.cluster_resources().get("GPU", 0) == 0:
+            # The embedded instance is this machine: no GPU can appear later.
+            raise InputError("execution.use_gpu: is true but this machine has no GPU that Ray "
+                             "can see (embedded local Ray); set it to false or null, or give "
+                             "execution.address of a cluster with GPUs")
         # The queue lives on the driver's node: losing a worker node must never lose the
         # queue (the driver's own node going away ends the job anyway).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -173,22 +244,86 @@ class RayTrainExecutor:
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
-        stop = threading.Event()
+        self._fit(trainer, stage, queue, progress, num_workers, resources)
 
-        def poll() -> None:
-            # Refreshes the driver's progress bar; results never depend on this thread.
-            while not stop.wait(0.5):
+    def _fit(self, trainer, stage: Stage, queue, progress: StageProgress, num_workers,
+             resources: dict) -> None:
+        """``trainer.fit()`` in a thread; this thread shows progress, reports (and bounds)
+        waiting for workers, and turns Ctrl-C into a prompt stop."""
+        from fadrm.pipeline import _stage_label
+
+        label = _stage_label(stage)
+        outcome: dict[str, BaseException] = {}
+
+        def fit() -> None:
+            try:
+                trainer.fit()
+            except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
+                outcome["error"] = exc
+
+        runner = threading.Thread(target=fit, name=f"fadrm-{stage.name}-fit", daemon=True)
+        start = time.monotonic()
+        next_note = start + _WAIT_NOTE_S
+        limit = self.exe.resource_wait_s
+        started = False
+        failure = None
+        runner.start()
+        try:
+            while runner.is_alive():
+                runner.join(0.5)
                 try:
-                    progress.update(ray.get(queue.progress.remote(), timeout=5))
+                    done, started, failure = ray.get(queue.state.remote(), timeout=5)
+                    progress.update(done)
                 except Exception:  # noqa: BLE001 - display only
                     pass
+                now = time.monotonic()
+                if not started and now >= next_note:
+                    print(_waiting_line(label, num_workers, resources, now - start),
+                          file=sys.stderr, flush=True)
+                    next_note = now + _WAIT_NOTE_S
+                if not started and limit is not None and now - start > limit:
+                    raise ResourceWaitTimeout(
+                        f"{label}: no worker group could start within "
+                        f"execution.resource_wait_s={limit:g} s "
+                        f"({_ask(num_workers, resources)}); add nodes or raise that limit")
+        except BaseException:
+            _abandon(runner)
+            raise
+        done, started, failure = ray.get(queue.state.remote())
+        progress.update(done)
+        ray.kill(queue)
+        if failure is not None:
+            raise InputError(f"{label}: {failure}")
+        if "error" in outcome:
+            raise _unwrap(outcome["error"], label) from outcome["error"]
 
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        try:
-            trainer.fit()
-        finally:
-            stop.set()
-            poller.join()
-            progress.update(ray.get(queue.progress.remote()))
-            ray.kill(queue)
+
+# The driver says once a minute what a stage waits for, while it waits.
+_WAIT_NOTE_S = 60.0
+
+
+def _ask(num_workers, resources: dict) -> str:
+    lo = num_workers[0] if isinstance(num_workers, tuple) else num_workers
+    per = ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()))
+    return f"{lo} worker(s) of {per} each asked"
+
+
+def _waiting_line(label: str, num_workers, resources: dict, waited: float) -> str:
+    try:
+        free = ray.available_resources()
+    except Exception:  # noqa: BLE001 - the note is best effort
+        free = {}
+    have = ", ".join(f"{free.get(k, 0):g} {k}" for k in sorted(resources))
+    return (f"{label}: waiting {waited / 60:.0f} min for workers: {_ask(num_workers, resources)}, "
+            f"{have} available now; the autoscaler may be adding nodes "
+            f"(execution.resource_wait_s bounds the wait)")
+
+
+def _abandon(runner: threading.Thread) -> None:
+    """Stop a stage whose driver is leaving (Ctrl-C, a wait that ran out): disconnecting
+    the driver ends its job, and with it Ray Train's controller and workers; units already
+    written stay in storage, so the same command resumes."""
+    try:
+        ray.shutdown()
+    finally:
+        runner.join(10)
