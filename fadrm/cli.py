@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from fadrm import __version__
-from fadrm.config import RunConfig, list_presets, load_config
+from fadrm.config import RunConfig, add_config_argument, list_presets, load_config
 from fadrm.errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, EXIT_WORK_TO_DO, InputError,
                           MissingDependencyError)
 
@@ -32,6 +32,9 @@ def print_summary(cfg: RunConfig, metrics: dict, file=None) -> None:
 
 
 def _load(args) -> RunConfig:
+    if not args.config:
+        raise InputError(f"fadrm {args.command}: a config is required (CONFIG or "
+                         f"--config CONFIG; presets: fadrm presets)")
     return load_config(args.config, args.overrides)
 
 
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):
-        p.add_argument("config", help="run config YAML file or preset name (see `fadrm presets`)")
+        add_config_argument(p)
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a config key, e.g. recover.alpha=0.4")
         return p

@@ -8,6 +8,7 @@ validates values, always raising :class:`ConfigError` with the offending key pat
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -663,6 +664,22 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
     data = _with_teacher_defaults(data)
     apply_overrides(data, overrides or [])
     return config_from_dict(_with_teacher_defaults(data))
+
+
+class _KeepGiven(argparse.Action):
+    """Store a positional value only when one was given (so ``--config`` can fill it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is not None:
+            setattr(namespace, self.dest, values)
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """``CONFIG`` positional with ``--config CONFIG`` as an alias: one way everywhere."""
+    parser.add_argument("config", nargs="?", action=_KeepGiven, default=None,
+                        help="run config YAML file or preset name (see `fadrm presets`)")
+    parser.add_argument("--config", dest="config", metavar="CONFIG", default=None,
+                        help="the same, as an option")
 
 
 def list_presets() -> list[str]:

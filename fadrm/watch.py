@@ -452,9 +452,9 @@ def watch(
 
 def add_watch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fadrm watch``."""
-    parser.add_argument("config", nargs="?", help="run config YAML (or preset name)")
-    parser.add_argument("--config", dest="config_opt", metavar="CONFIG",
-                        help="the same, as an option")
+    from fadrm.config import add_config_argument
+
+    add_config_argument(parser)
     parser.add_argument(
         "--target", choices=("kubernetes", "ray"), default="kubernetes",
         help="kubernetes: create a KubeRay RayJob from --template; "
@@ -486,7 +486,7 @@ def run_watch(args: argparse.Namespace) -> int:
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    source = getattr(args, "config_opt", None) or args.config
+    source = args.config
     if not source:
         log.error("a config is required (fadrm watch CONFIG or --config CONFIG)")
         return 2

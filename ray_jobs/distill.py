@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-from fadrm.config import load_config
+from fadrm.config import add_config_argument, load_config
 
 
 def connect(address: str | None, threads: int, max_workers: int) -> None:
@@ -71,14 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     from fadrm.preflight import check_submittable, running_as_ray_job
 
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.distill", description=__doc__)
-    parser.add_argument("config", nargs="?", help="run config YAML (or a preset name)")
-    parser.add_argument("--config", dest="config_opt", metavar="CONFIG",
-                        help="the same, as an option")
+    add_config_argument(parser)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key, e.g. recover.alpha=0.4")
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     args = parser.parse_args(argv)
-    source = args.config_opt or args.config
+    source = args.config
     if not source:
         parser.error("a config is required (CONFIG or --config CONFIG)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -262,25 +262,30 @@ class RayTrainExecutor:
                 outcome["error"] = exc
 
         runner = threading.Thread(target=fit, name=f"fadrm-{stage.name}-fit", daemon=True)
-        start = time.monotonic()
-        next_note = start + _WAIT_NOTE_S
         limit = self.exe.resource_wait_s
+        every = _WAIT_NOTE_S if limit is None else min(_WAIT_NOTE_S, limit / 4)
+        start = time.monotonic()
+        next_note = start + every
         started = False
         failure = None
         runner.start()
         try:
             while runner.is_alive():
                 runner.join(0.5)
+                was_started = started
                 try:
                     done, started, failure = ray.get(queue.state.remote(), timeout=5)
                     progress.update(done)
                 except Exception:  # noqa: BLE001 - display only
                     pass
+                if started and not was_started:
+                    log.info("%s: workers started after %.0f s", label,
+                             time.monotonic() - start)
                 now = time.monotonic()
                 if not started and now >= next_note:
                     print(_waiting_line(label, num_workers, resources, now - start),
                           file=sys.stderr, flush=True)
-                    next_note = now + _WAIT_NOTE_S
+                    next_note = now + every
                 if not started and limit is not None and now - start > limit:
                     raise ResourceWaitTimeout(
                         f"{label}: no worker group could start within "
