@@ -84,6 +84,14 @@ class ImageSet:
     def indices_of(self, label: int) -> torch.Tensor:
         return torch.nonzero(self.labels == label, as_tuple=False).flatten()
 
+    def class_size(self, label: int) -> int:
+        return int((self.labels == label).sum())
+
+    def class_images(self, label: int, order: Sequence[int], count: int) -> torch.Tensor:
+        """``count`` images of class ``label``: its images at positions ``order[:count]``."""
+        pool = self.indices_of(label)
+        return self.images[pool[torch.as_tensor(list(order)[:count], dtype=torch.long)]]
+
 
 def _stats(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
@@ -424,10 +432,10 @@ def _decode(file: _File, size: int, mode: str) -> np.ndarray:
         return np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
 
 
-def _decode_all(
-    files: list[_File], cfg: DataConfig, progress: Progress | None,
+def decode_files(
+    files: list[_File], cfg: DataConfig, progress: Progress | None = None, threads: int = 2,
 ) -> tuple[torch.Tensor, list[dict]]:
-    """Decode ``files`` with two threads.
+    """Decode ``files`` with ``threads`` threads.
 
     Returns one image per *readable* file, in the order of ``files``, and the skipped ones.
     """
@@ -445,7 +453,7 @@ def _decode_all(
     out = torch.empty((len(files), cfg.channels, size, size), dtype=torch.uint8)
     ok = torch.zeros(len(files), dtype=torch.bool)
     skipped: list[dict] = []
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fadrm-decode") as pool:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fadrm-decode") as pool:
         for i, result in enumerate(pool.map(work, files)):
             if isinstance(result, str):
                 skipped.append({"path": files[i].uri, "error": result})
@@ -487,9 +495,26 @@ def _limit_files(files: list[_File], cfg: DataConfig, max_per_class: int | None,
 
 def _folder_splits(cfg: DataConfig) -> tuple[list[str], list[_File], list[_File]]:
     """Class names and the (train, val) files to decode, after splitting and subsetting."""
+    classes, train, val, _ = folder_listing(cfg)
+    return classes, train, val
+
+
+def _listing_digest(scans: list[tuple[str, list[_File]]]) -> str:
+    h = hashlib.sha256()
+    for tag, files in scans:
+        for f in files:
+            h.update(f"{tag}\0{f.rel}\0{f.size}\0{f.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def folder_listing(cfg: DataConfig) -> tuple[list[str], list[_File], list[_File], str]:
+    """One scan of each root: class names, the (train, val) files after splitting and
+    subsetting, and the digest of everything listed (for the data fingerprint)."""
     classes, files = _scan_folder(cfg.root)
+    scans = [("train", files)]
     if cfg.val_root:
         val_classes, val_files = _scan_folder(cfg.val_root)
+        scans.append(("val", val_files))
         if val_classes != classes:
             missing = sorted(set(classes) - set(val_classes))
             extra = sorted(set(val_classes) - set(classes))
@@ -504,7 +529,7 @@ def _folder_splits(cfg: DataConfig) -> tuple[list[str], list[_File], list[_File]
         train_files, val_files = files, []
     train_files = _limit_files(train_files, cfg, cfg.max_train_per_class, None)
     val_files = _limit_files(val_files, cfg, None, cfg.max_val)
-    return classes, train_files, val_files
+    return classes, train_files, val_files, _listing_digest(scans)
 
 
 def _load_imagefolder(cfg: DataConfig, progress: Progress | None) -> tuple[ImageSet, ImageSet]:
@@ -512,7 +537,7 @@ def _load_imagefolder(cfg: DataConfig, progress: Progress | None) -> tuple[Image
     if not val_files:
         log.warning("no validation images: set data.val_root or data.val_per_class")
     # One decode pass over both splits, so progress counts all images.
-    images, skipped = _decode_all(train_files + val_files, cfg, progress)
+    images, skipped = decode_files(train_files + val_files, cfg, progress)
     bad = {s["path"] for s in skipped}
     sets = []
     offset = 0
@@ -534,14 +559,10 @@ def _load_imagefolder(cfg: DataConfig, progress: Progress | None) -> tuple[Image
 
 
 def _imagefolder_digest(cfg: DataConfig) -> str:
-    h = hashlib.sha256()
-    for tag, root in (("train", cfg.root), ("val", cfg.val_root)):
-        if not root:
-            continue
-        _, files = _scan_folder(root)
-        for f in files:
-            h.update(f"{tag}\0{f.rel}\0{f.size}\0{f.mtime_ns}\n".encode())
-    return h.hexdigest()
+    scans = [("train", _scan_folder(cfg.root)[1])]
+    if cfg.val_root:
+        scans.append(("val", _scan_folder(cfg.val_root)[1]))
+    return _listing_digest(scans)
 
 
 # --------------------------------------------------------------------------- registry
@@ -580,7 +601,12 @@ _DECODE_FIELDS = ("kind", "resolution", "channels", "val_per_class", "max_train_
 
 def data_fingerprint(cfg: DataConfig) -> str:
     """sha256 hex of the stored data plus the decode settings; changes when either does."""
-    h = hashlib.sha256(_format(cfg).content_digest(cfg).encode())
+    return fingerprint_from_digest(cfg, _format(cfg).content_digest(cfg))
+
+
+def fingerprint_from_digest(cfg: DataConfig, content_digest: str) -> str:
+    """:func:`data_fingerprint` from an already computed digest of the stored files."""
+    h = hashlib.sha256(content_digest.encode())
     for name in _DECODE_FIELDS:
         h.update(f"\n{name}={getattr(cfg, name)!r}".encode())
     h.update(f"\nval_root={bool(cfg.val_root)}".encode())

@@ -114,6 +114,13 @@ def _class_name(train: ImageSet, class_id: int) -> str:
     return f"class {class_id} ({name!r})"
 
 
+def _image_shape(train) -> tuple[int, int, int]:
+    """(C, H, W) of the images a source serves (an ImageSet or a DataSource)."""
+    if isinstance(train, ImageSet):
+        return tuple(train.images.shape[1:])
+    return train.cfg.channels, train.cfg.resolution, train.cfg.resolution
+
+
 def select_patches(
     teacher: nn.Module,
     train: ImageSet,
@@ -137,7 +144,7 @@ def select_patches(
     """
     if ipc <= 0:
         raise ValueError(f"select_patches: ipc must be > 0, got {ipc}")
-    _, channels, height, width = train.images.shape
+    channels, height, width = _image_shape(train)
     if height != width:
         raise ValueError(f"select_patches: needs square images, got {height}x{width}")
     out = torch.empty(len(class_ids), ipc, channels, height, width, dtype=torch.uint8)
@@ -157,20 +164,27 @@ def _select_class(
     seed: int,
     device: torch.device,
 ) -> torch.Tensor:
-    size = train.images.shape[-1]
+    size = _image_shape(train)[-1]
     side = size // cfg.factor
     crops = cfg.num_crops
     need = ipc * cfg.factor**2
-    pool = train.indices_of(class_id)
-    num = min(cfg.num_candidates, int(pool.numel()))
+    pool_size = train.class_size(class_id)
+    num = min(cfg.num_candidates, pool_size)
     if num < need:
         raise DataError(
             f"select_patches: {_class_name(train, class_id)} has {num} usable patches "
-            f"(one per real image, {pool.numel()} images) but needs {need} "
+            f"(one per real image, {pool_size} images) but needs {need} "
             f"(ipc {ipc} x factor^2 {cfg.factor**2})"
         )
     gen = class_generator(seed, class_id, "select")
-    chosen = pool[torch.randperm(int(pool.numel()), generator=gen)[:num]]
+    # Only the m candidates are decoded (a source may be a whole data set on storage).
+    candidates = train.class_images(class_id, torch.randperm(pool_size, generator=gen).tolist(),
+                                    num)
+    if candidates.shape[0] < need:
+        raise DataError(
+            f"select_patches: {_class_name(train, class_id)} has only {candidates.shape[0]} "
+            f"readable images but needs {need} (ipc {ipc} x factor^2 {cfg.factor**2})")
+    num = candidates.shape[0]
     boxes = _random_square_boxes(num * crops, size, size, cfg.crop_scale, gen)
     crop_image = torch.arange(num).repeat_interleave(crops)
 
@@ -180,7 +194,7 @@ def _select_class(
     per_chunk = max(1, cfg.batch_size // crops)
     for start in range(0, num, per_chunk):
         stop = min(num, start + per_chunk)
-        src = train.images[chosen[start:stop]].to(device).float().div_(255.0)
+        src = candidates[start:stop].to(device).float().div_(255.0)
         rows = slice(start * crops, stop * crops)
         patches = _crop_resize(src, crop_image[rows] - start, boxes[rows], side)
         labels = torch.full((patches.shape[0],), class_id, dtype=torch.long)
@@ -190,7 +204,7 @@ def _select_class(
 
     best_score, best_crop = scores.view(num, crops).max(dim=1)
     ranked = torch.argsort(best_score, descending=True, stable=True)[:need]
-    src = train.images[chosen[ranked]].to(device).float().div_(255.0)
+    src = candidates[ranked].to(device).float().div_(255.0)
     winners = _crop_resize(src, torch.arange(need), boxes[ranked * crops + best_crop[ranked]],
                            side)
     return _to_uint8(_stitch(winners, cfg.factor, size)).cpu()
@@ -198,17 +212,22 @@ def _select_class(
 
 def random_real(train: ImageSet, class_ids: list[int], ipc: int, seed: int) -> torch.Tensor:
     """``ipc`` distinct random real images per class, ``uint8 [K, ipc, C, H, W]``."""
-    _, channels, height, width = train.images.shape
+    channels, height, width = _image_shape(train)
     out = torch.empty(len(class_ids), ipc, channels, height, width, dtype=torch.uint8)
     for k, class_id in enumerate(class_ids):
-        pool = train.indices_of(class_id)
-        if pool.numel() < ipc:
+        pool_size = train.class_size(class_id)
+        if pool_size < ipc:
             raise DataError(
-                f"random_real: {_class_name(train, class_id)} has {pool.numel()} images "
+                f"random_real: {_class_name(train, class_id)} has {pool_size} images "
                 f"but ipc is {ipc}"
             )
         gen = class_generator(seed, class_id, "random-real")
-        out[k] = train.images[pool[torch.randperm(int(pool.numel()), generator=gen)[:ipc]]]
+        chosen = train.class_images(class_id, torch.randperm(pool_size, generator=gen).tolist(),
+                                    ipc)
+        if chosen.shape[0] < ipc:
+            raise DataError(f"random_real: {_class_name(train, class_id)} has only "
+                            f"{chosen.shape[0]} readable images but ipc is {ipc}")
+        out[k] = chosen
     return out
 
 

@@ -147,9 +147,8 @@ class SqueezeStage(Stage):
         return storage.join(self.dir, "teacher.pt")
 
     def setup(self, ctx: WorkerContext) -> Any:
-        from fadrm.data import load_data
-
-        return load_data(self.cfg.data)
+        source = self.plan.source
+        return source.split("train"), source.split("val")
 
     def run_unit(self, state: Any, unit: str, ctx: WorkerContext) -> None:
         from fadrm.squeeze import train_teacher
@@ -167,6 +166,7 @@ class SqueezeStage(Stage):
             shards.write_json(storage.join(self.dir, "meta.json"), {
                 "model": self.cfg.teachers[self.index].model, "val_top1": top1,
                 "train_images": len(train), "val_images": len(val),
+                "skipped_inputs": train.skipped,
             })
             shards.write_artifact(self.unit_uri(unit), buf.getvalue())
 
@@ -183,9 +183,8 @@ class SelectStage(Stage):
         return storage.join(self.dir, f"init-{unit}.arrow")
 
     def setup(self, ctx: WorkerContext) -> Any:
-        from fadrm.data import load_data
-
-        train, _ = load_data(self.cfg.data)
+        # The data source decodes only the candidates each class block asks for.
+        train = self.plan.source
         teacher = None
         if self.cfg.recover.spec.init == "patches":
             teacher = _load_teacher(self.plan, self.cfg.select.teacher, ctx.device)
@@ -328,18 +327,17 @@ class EvaluateStage(Stage):
         return storage.join(self.dir, "metrics.json")
 
     def setup(self, ctx: WorkerContext) -> Any:
-        from fadrm.data import load_data
-
-        train, val = load_data(self.cfg.data)
+        # Only the validation set is decoded: the student never sees a real training image.
+        val = self.plan.source.split("val")
         images, _ = load_distilled(self.plan)
-        return train, val, images
+        return val, images
 
     def run_unit(self, state: Any, unit: str, ctx: WorkerContext) -> None:
         from fadrm.metrics import evaluate
         from fadrm.models import create_model
         from fadrm.student import train_student
 
-        train, val, images = state
+        val, images = state
         cfg, d = self.cfg, self.cfg.data
         relabel = self.plan.relabel
         cache: dict[str, Any] = {}
@@ -378,9 +376,9 @@ class EvaluateStage(Stage):
             "history": result["history"],
             "teacher_top1": teacher_top1[0],
             "teachers_top1": teacher_top1,
-            "train_images": len(train),
+            "train_images": self.plan.source.count("train"),
             "val_images": len(val),
-            "skipped_inputs": train.skipped + val.skipped,
+            "skipped_inputs": self.plan.squeeze_skipped() + val.skipped,
         }
         shards.write_artifact(self.unit_uri(unit), _json_bytes(metrics))
 
@@ -397,17 +395,19 @@ def _json_bytes(obj: Any) -> bytes:
 class RunPlan:
     """The stages of one run, with their content keys."""
 
-    def __init__(self, cfg: RunConfig):
-        from fadrm.data import class_names, data_fingerprint
+    def __init__(self, cfg: RunConfig, source: Any = None):
+        from fadrm.datasource import DataSource
 
         self.cfg = cfg
         storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
-        self.classes = class_names(cfg.data)
+        # One listing of the data per plan: classes, fingerprint, and what workers decode.
+        self.source = source if source is not None else DataSource(cfg.data)
+        self.classes = self.source.classes
         self.num_classes = len(self.classes)
         block = cfg.recover.class_block_size or self.num_classes
         self.block_size = min(block, self.num_classes)
         self.num_blocks = -(-self.num_classes // self.block_size)
-        self.data_fp = data_fingerprint(cfg.data)
+        self.data_fp = self.source.fingerprint
         d = cfg.data
         self._data = {"fingerprint": self.data_fp, "resolution": d.resolution,
                       "channels": d.channels, "mean": d.mean, "std": d.std}
@@ -473,6 +473,17 @@ class RunPlan:
         state = dict(self.__dict__)
         state["_weights"] = {}  # workers read the weights themselves (see __init__)
         return state
+
+    def squeeze_skipped(self) -> list[dict]:
+        """Unreadable training images that squeeze met (recorded in its meta.json)."""
+        out = []
+        for stage in self.squeeze.values():
+            try:
+                out += shards.read_json(storage.join(stage.dir, "meta.json")).get(
+                    "skipped_inputs", [])
+            except FileNotFoundError:
+                pass
+        return out
 
     def teacher_bytes(self, index: int) -> bytes | None:
         """The given weights of teacher ``index`` as read when planning (None: not cached)."""
@@ -627,6 +638,8 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
     from fadrm.report import write_report
 
     plan = preflight(cfg).plan
+    if any(s.pending() for s in plan.stages):
+        plan.source.write_index(cfg.output)  # workers read it instead of listing again
     damaged = repair_outputs(plan, full=cfg.execution.verify_outputs)
     todo = {_stage_label(s): s.pending() for s in plan.stages}
     if not damaged and not any(todo.values()):

@@ -21,7 +21,7 @@ import torch
 
 from fadrm import storage
 from fadrm.config import ConfigError, RunConfig
-from fadrm.data import DataError, DataSummary, summarize
+from fadrm.data import DataError, DataSummary
 from fadrm.errors import InputError
 
 __all__ = ["Preflight", "preflight", "check_output", "check_data", "check_teachers",
@@ -50,11 +50,14 @@ def preflight(cfg: RunConfig, *, write_probe: bool = True) -> Preflight:
     """
     from fadrm.pipeline import RunPlan
 
+    from fadrm.datasource import DataSource
+
     warnings: list[str] = []
     check_output(cfg, write_probe=write_probe, warnings=warnings)
-    summary = check_data(cfg, warnings)
+    source = DataSource(cfg.data)
+    summary = check_data(cfg, warnings, source)
     _check_weights_exist(cfg)
-    plan = RunPlan(cfg)
+    plan = RunPlan(cfg, source)
     check_teachers(cfg, plan, warnings)
     for w in warnings:
         log.warning("%s", w)
@@ -117,11 +120,14 @@ def check_submittable(cfg: RunConfig, how: str) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def check_data(cfg: RunConfig, warnings: list[str] | None = None) -> DataSummary:
+def check_data(cfg: RunConfig, warnings: list[str] | None = None,
+               source=None) -> DataSummary:
     """The data roots list, classes agree, and every class has the images the method needs."""
+    from fadrm.datasource import DataSource
+
     d = cfg.data
     try:
-        summary = summarize(d)
+        summary = (source or DataSource(d)).summary()
     except DataError as exc:
         raise DataError(f"data: {exc}") from None
     except FileNotFoundError as exc:

@@ -1,0 +1,212 @@
+"""Data access for the stages: one listing, and decoding only what a stage uses.
+
+A :class:`DataSource` answers what a data set holds (classes, images per class, the data
+fingerprint) from a *listing*, and decodes pixels only on request:
+
+* ``split("val")`` decodes one split (evaluate needs the validation set, never training
+  images; squeeze needs both);
+* ``class_images(c, order, count)`` decodes ``count`` readable images of class ``c``, taken
+  in ``order`` (select decodes only the m candidates of each class in its block).
+
+ImageFolder data is listed once per driver (:func:`list_data`); the listing travels to the
+workers as an Arrow *index* shard under ``<output>/index/<fingerprint>.arrow`` (path, label,
+size, split), written once per data fingerprint, so no worker lists the tree again. IDX data
+(Fashion-MNIST and friends) is a few files: it is decoded whole, once per process, and served
+from memory (the in-memory cache "when it fits").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fadrm import data as fdata
+from fadrm import shards, storage
+from fadrm.config import DataConfig
+from fadrm.data import DataError, DataSummary, ImageSet
+
+__all__ = ["Listing", "list_data", "DataSource"]
+
+log = logging.getLogger("fadrm.datasource")
+
+_SPLITS = ("train", "val")
+
+
+@dataclass
+class Listing:
+    """What a data set holds, without pixels: classes and the files of each split."""
+
+    classes: list[str]
+    files: dict[str, list]
+    """split -> ImageFolder files (``fadrm.data._File``); empty for IDX data."""
+    fingerprint: str
+    """:func:`fadrm.data.data_fingerprint` of the config, from this listing."""
+
+
+def list_data(cfg: DataConfig) -> Listing:
+    """List ``cfg``'s data once: classes, split files and the data fingerprint."""
+    cfg.validate("data")
+    if cfg.kind != "imagefolder":
+        return Listing(fdata.class_names(cfg), {s: [] for s in _SPLITS},
+                       fdata.data_fingerprint(cfg))
+    classes, train, val, digest = fdata.folder_listing(cfg)
+    return Listing(classes, {"train": train, "val": val},
+                   fdata.fingerprint_from_digest(cfg, digest))
+
+
+def _index_table(listing: Listing) -> pa.Table:
+    rows = [(split, f) for split in _SPLITS for f in listing.files[split]]
+    return pa.table({
+        "split": pa.array([s for s, _ in rows], pa.string()),
+        "uri": pa.array([f.uri for _, f in rows], pa.string()),
+        "rel": pa.array([f.rel for _, f in rows], pa.string()),
+        "label": pa.array([f.label for _, f in rows], pa.int32()),
+        "size": pa.array([f.size for _, f in rows], pa.int64()),
+        "mtime_ns": pa.array([f.mtime_ns for _, f in rows], pa.int64()),
+    }, metadata={"classes": "\n".join(listing.classes), "fingerprint": listing.fingerprint})
+
+
+def _listing_from_index(table: pa.Table) -> Listing:
+    meta = table.schema.metadata
+    cols = {n: table.column(n).to_pylist() for n in table.column_names}
+    files: dict[str, list] = {s: [] for s in _SPLITS}
+    for split, uri, rel, label, size, mtime in zip(cols["split"], cols["uri"], cols["rel"],
+                                                   cols["label"], cols["size"],
+                                                   cols["mtime_ns"]):
+        files[split].append(fdata._File(uri, rel, label, size, mtime))
+    classes = meta[b"classes"].decode().split("\n")
+    return Listing(classes, files, meta[b"fingerprint"].decode())
+
+
+def _decode_threads(uri: str) -> int:
+    # Object stores answer one GET at a time: many in flight hide the latency. Local files
+    # decode on the CPU (PIL releases the GIL), one thread per core.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 16 if storage.is_remote(uri) else max(2, cores or 1)
+
+
+class DataSource:
+    """The data a stage reads (see the module docstring). Picklable and cheap to ship:
+    workers rebuild the listing from the index shard, pixels are never pickled."""
+
+    def __init__(self, cfg: DataConfig, listing: Listing | None = None,
+                 index_uri: str | None = None):
+        self.cfg = cfg
+        self.index_uri = index_uri
+        self._listing = listing
+        self._memory: tuple[ImageSet, ImageSet] | None = None  # IDX: decoded once
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_memory"] = None
+        state.pop("_by_class", None)
+        if self.index_uri is not None:
+            state["_listing"] = None  # workers read the index shard instead
+        return state
+
+    # ----------------------------------------------------------------- listing
+
+    @property
+    def listing(self) -> Listing:
+        if self._listing is None:
+            if self.index_uri is not None and shards.is_complete(self.index_uri):
+                self._listing = _listing_from_index(shards.read_table(self.index_uri))
+            else:
+                self._listing = list_data(self.cfg)
+        return self._listing
+
+    def write_index(self, root: str) -> str | None:
+        """Write the listing as an index shard under ``root`` (once per fingerprint);
+        returns its URI (None for IDX data, which needs no index)."""
+        if self.cfg.kind != "imagefolder":
+            return None
+        listing = self.listing
+        uri = storage.join(root, "index", f"{listing.fingerprint[:24]}.arrow")
+        shards.write_table(uri, _index_table(listing))  # write-once: a no-op when present
+        self.index_uri = uri
+        return uri
+
+    @property
+    def classes(self) -> list[str]:
+        return self.listing.classes
+
+    @property
+    def fingerprint(self) -> str:
+        return self.listing.fingerprint
+
+    def summary(self) -> DataSummary:
+        """Images per class and split, from the listing (nothing decoded)."""
+        if self.cfg.kind != "imagefolder":
+            return fdata.summarize(self.cfg)
+        n = len(self.classes)
+        counts = {s: np.bincount([f.label for f in self.listing.files[s]],
+                                 minlength=n).tolist() for s in _SPLITS}
+        return DataSummary(self.classes, counts["train"], counts["val"],
+                           storage.join(self.cfg.root, "<class>"))
+
+    def count(self, split: str) -> int:
+        return int(sum(getattr(self.summary(), f"{split}_counts")))
+
+    # ----------------------------------------------------------------- pixels
+
+    def _in_memory(self) -> tuple[ImageSet, ImageSet]:
+        if self._memory is None:
+            self._memory = fdata.load_data(self.cfg)
+        return self._memory
+
+    def split(self, name: str) -> ImageSet:
+        """Every readable image of split ``name`` ('train' or 'val'), decoded."""
+        if name not in _SPLITS:
+            raise ValueError(f"split must be one of {_SPLITS}, got {name!r}")
+        if self.cfg.kind != "imagefolder":
+            return self._in_memory()[_SPLITS.index(name)]
+        files = self.listing.files[name]
+        images, skipped = self._decode(files)
+        bad = {s["path"] for s in skipped}
+        labels = torch.tensor([f.label for f in files if f.uri not in bad], dtype=torch.long)
+        return ImageSet(images, labels, self.classes, skipped)
+
+    def class_size(self, label: int) -> int:
+        """Listed training images of class ``label`` (readable or not)."""
+        if self.cfg.kind != "imagefolder":
+            return self._in_memory()[0].class_size(label)
+        return self._class_files(label).__len__()
+
+    def class_images(self, label: int, order: Sequence[int], count: int) -> torch.Tensor:
+        """``count`` readable training images of class ``label``: the class's images at
+        positions ``order`` (into its listing), skipping unreadable ones, in that order."""
+        if self.cfg.kind != "imagefolder":
+            return self._in_memory()[0].class_images(label, order, count)
+        files = self._class_files(label)
+        out: list[torch.Tensor] = []
+        order = list(order)
+        start = 0
+        while len(out) < count and start < len(order):
+            # Decode just what is still missing; an unreadable file makes room for the next.
+            batch = [files[i] for i in order[start:start + count - len(out)]]
+            start += len(batch)
+            images, _ = self._decode(batch)
+            out.extend(images)
+        if not out:
+            c, s = self.cfg.channels, self.cfg.resolution
+            return torch.empty((0, c, s, s), dtype=torch.uint8)
+        return torch.stack(out)
+
+    def _class_files(self, label: int) -> list:
+        cache = self.__dict__.setdefault("_by_class", {})
+        if not cache:
+            for f in self.listing.files["train"]:
+                cache.setdefault(f.label, []).append(f)
+        return cache.get(label, [])
+
+    def _decode(self, files: list) -> tuple[torch.Tensor, list[dict]]:
+        threads = _decode_threads(self.cfg.root)
+        return fdata.decode_files(files, self.cfg, None, threads)
+
