@@ -294,7 +294,8 @@ class RelabelConfig:
     with its image's class (CutMix views: lam * own class + (1 - lam) * partner's class)
     and the student trains with cross-entropy on those targets (the hard-label baseline)."""
     epochs_per_shard: int = 50
-    """Work unit size: epochs per soft-label shard."""
+    """Work unit size: epochs per soft-label shard (relabel units = epochs / this; the
+    labels do not depend on it, only how many workers relabel can use)."""
 
     def validate(self, p: str) -> None:
         _positive(self.epochs, f"{p}.epochs")
@@ -326,6 +327,8 @@ class StudentConfig:
     eta: float = 2.0
     """Cosine schedule 0.5 * (1 + cos(pi * epoch / (epochs * eta)))."""
     accumulation_steps: int = 2
+    """Micro-batches per stored relabel batch (one optimiser step per stored batch; the
+    micro-batch is the BatchNorm batch and the unit data-parallel ranks share out)."""
     eval_every: int = 0
     """Evaluate every N epochs (0 -> only at the end); the best epoch is reported too."""
     eval_batch_size: int = 512

@@ -50,6 +50,7 @@ __all__ = [
     "soft_targets",
     "teacher_bn_mode",
     "view_batch",
+    "view_rows",
     "views_from_table",
 ]
 
@@ -276,6 +277,37 @@ def view_batch(
     x = normalize(src.to(device), mean, std)
     local_rows = dataclasses.replace(rows, image_id=local.reshape(-1).astype(np.int32))
     return apply_views(x, local_rows, out_size)
+
+
+def view_rows(
+    images: torch.Tensor,
+    rows: Views,
+    positions: np.ndarray,
+    mean: list[float],
+    std: list[float],
+    out_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Render only the rows at ``positions`` of one batch's views: bit-identical to
+    ``view_batch(...)[positions]``, at the cost of those rows and their CutMix partners.
+
+    Each view reads its own source image and its partner's cropped, flipped view, so only
+    that closure is rendered (a data-parallel rank renders its share of a global batch).
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    partners = rows.mix_partner[positions]
+    needed = np.unique(np.concatenate([positions, partners[partners >= 0]]))
+    where = {int(p): i for i, p in enumerate(needed)}
+    sub = rows[needed]
+    # A stand-alone batch of the needed rows: positions renumbered, partners remapped.
+    remap = np.array([where.get(int(p), -1) if p >= 0 else -1 for p in sub.mix_partner],
+                     dtype=np.int32)
+    sub = dataclasses.replace(sub, pos=np.arange(len(needed), dtype=np.int32),
+                              batch=np.zeros(len(needed), dtype=np.int32), mix_partner=remap)
+    # A row rendered only as a partner may lose its own partner (-1 above): harmless, as
+    # CutMix pastes from the un-mixed views and partner-only rows are dropped below.
+    out = view_batch(images, sub, mean, std, out_size, device)
+    return out[torch.as_tensor([where[int(p)] for p in positions], device=out.device)]
 
 
 # --------------------------------------------------------------------------- teachers

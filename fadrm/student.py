@@ -6,12 +6,13 @@ softmax(s / T))`` averaged over the batch, without the usual ``T^2`` factor (as 
 AdamW without weight decay on biases and normalisation parameters; cosine learning rate
 ``lr * 0.5 * (1 + cos(pi * e / (E * eta)))`` set at the start of every epoch.
 
-Distributed data parallel: when ``torch.distributed`` is initialised with ``W > 1`` ranks,
-every rank renders the full stored batch (CutMix partners live in the same batch, and
-rendering is cheap next to the forward pass) and trains on its strided slice
-``rows[rank::W]``. Each rank's loss is ``sum_KL(slice) * W / B``: DDP averages gradients
-over ranks, so the synchronised gradient is ``(1 / B) * sum_KL(batch)``, the gradient of
-the full batch's mean KL. BatchNorm statistics are per rank slice, as in any DDP run.
+Steps and micro-batches (as the paper's code): one optimiser step per stored relabel batch
+(the global batch, ``relabel.batch_size`` rows), computed as ``student.accumulation_steps``
+micro-batches, whose size is the BatchNorm batch. Distributed data parallel: when
+``torch.distributed`` is initialised with ``W > 1`` ranks, rank r renders and trains only
+the micro-batches r, r + W, ... of every global batch, so the global batch, the number of
+optimiser steps and the gradient of each step do not depend on W (see :func:`_train_step`);
+only BatchNorm's running statistics (used at evaluation) follow rank 0's micro-batches.
 
 Hard-label rows (``relabel.label_mode: hard``, the hard-label baseline) replace the KL by
 the cross-entropy to ``lam * onehot(y) + (1 - lam) * onehot(y_partner)`` of each stored
@@ -24,6 +25,9 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 import pyarrow as pa
 import torch
@@ -41,12 +45,13 @@ from fadrm.relabel import (
     hard_targets,
     is_hard,
     soft_targets,
-    view_batch,
+    view_rows,
     views_from_table,
 )
 from fadrm.training import param_groups, world as dist_world
 
-__all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "param_groups", "train_student"]
+__all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "micro_batches", "param_groups",
+           "train_student"]
 
 
 def cosine_lr(base_lr: float, epoch: int, num_epochs: int, eta: float) -> float:
@@ -64,6 +69,33 @@ def kd_loss_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float
 def hard_loss_sum(student: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum over samples of the cross-entropy to class-probability ``targets`` (fp32, T=1)."""
     return -(targets.float() * F.log_softmax(student.float(), dim=1)).sum()
+
+
+def micro_batches(batch_size: int, accumulation_steps: int) -> list[np.ndarray]:
+    """Positions of each micro-batch of a stored batch: ``accumulation_steps`` contiguous,
+    near-equal parts (empty parts of a short batch are dropped)."""
+    parts = np.array_split(np.arange(batch_size), min(accumulation_steps, batch_size))
+    return [p for p in parts if len(p)]
+
+
+@dataclass
+class _Run:
+    """What every step of one student training needs."""
+
+    model: nn.Module
+    net: nn.Module
+    """``model``, or its DDP wrapper."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    images: torch.Tensor
+    cfg: StudentConfig
+    mean: list[float]
+    std: list[float]
+    num_classes: int
+    device: torch.device
+    rank: int
+    world: int
+    steps: int = 0
 
 
 def train_student(
@@ -84,7 +116,8 @@ def train_student(
 
     ``labels_for_epoch(e)`` returns a soft-label table holding (at least) epoch ``e``.
     Returns the final-epoch top-1/top-5 (the headline), the best evaluated top-1 and its
-    epoch, a per-epoch history and the wall time. Metrics are exact on rank 0.
+    epoch, a per-epoch history, the optimiser step count and the wall time. Metrics are
+    exact on rank 0.
     """
     if num_epochs <= 0:
         raise ValueError(f"num_epochs must be > 0, got {num_epochs}")
@@ -92,87 +125,12 @@ def train_student(
         raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} "
                          f"{tuple(images.shape)}")
     start_time = time.perf_counter()
-    torch.manual_seed(seed)  # dropout and any other randomness inside the student
-    rank, world = dist_world()
-    out_size = images.shape[2]
-    # channels_last while training (2x faster small convolutions on the CPU, the layout
-    # tensor cores want); undone at the end, so saved weights have the usual layout.
-    model.to(device, memory_format=torch.channels_last)
-    net: nn.Module = model
-    if world > 1:
-        net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scaler = grad_scaler(device, cfg.mixed_precision)
-    accum = cfg.accumulation_steps
-
+    run = _set_up(model, images, cfg, mean, std, num_classes, device, seed)
     history: list[dict] = []
     best_top1, best_epoch = -1.0, -1
     top1 = top5 = float("nan")
     for epoch in range(num_epochs):
-        lr = cosine_lr(cfg.lr, epoch, num_epochs, cfg.eta)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        table = epoch_table(labels_for_epoch(epoch), epoch)
-        _check_num_classes(table, num_classes)
-        # Hard-label rows (relabel.label_mode 'hard'): cross-entropy to the CutMix-mixed
-        # one-hot targets instead of KL to teacher logits.
-        hard = is_hard(table)
-        targets_of = hard_targets if hard else soft_targets
-        views = views_from_table(table, epoch)
-        slices = list(views.batch_slices())
-        net.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss_total = torch.zeros((), dtype=torch.float64)
-        pending = 0
-        for b, s in enumerate(slices):
-            rows = views[s]
-            full = len(rows)
-            x = view_batch(images, rows, mean, std, out_size, device)
-            targets = targets_of(table.slice(s.start, full), num_classes).to(device)
-            idx = torch.arange(rank, full, world, device=device)
-            share = 1.0
-            if idx.numel() == 0:
-                # Fewer samples than ranks: this rank still runs forward/backward (DDP's
-                # collectives need every rank) on one sample with zero loss weight.
-                idx, share = idx.new_zeros(1), 0.0
-            step_now = pending + 1 == accum or b == len(slices) - 1
-            sync = contextlib.nullcontext() if world == 1 or step_now else net.no_sync()
-            with sync:
-                with autocast(device, cfg.mixed_precision):
-                    logits = net(to_layout(x[idx], True))
-                if logits.shape[1] != num_classes:
-                    raise ValueError(f"student outputs {logits.shape[1]} classes, "
-                                     f"expected {num_classes}")
-                if hard:
-                    loss_sum = hard_loss_sum(logits, targets[idx])
-                else:
-                    loss_sum = kd_loss_sum(logits, targets[idx], cfg.temperature)
-                if not torch.isfinite(loss_sum):
-                    raise RuntimeError(
-                        f"non-finite student loss at epoch {epoch}, batch {b} "
-                        f"(rank {rank}): {loss_sum.item()}"
-                    )
-                loss = loss_sum * (share * world / full / accum)
-                scaler.scale(loss).backward()
-            pending += 1
-            if step_now:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                pending = 0
-            # This rank's part of the full batch's mean KL; ranks' parts add up to it.
-            loss_total += share * loss_sum.detach().double().cpu() / full
-        if world > 1:
-            # NCCL reduces only device tensors; gloo handles CPU ones.
-            on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-            reduced = loss_total.to(on)
-            dist.all_reduce(reduced)
-            loss_total = reduced.cpu()
-        epoch_loss = float(loss_total) / len(slices)
-
-        entry: dict = {"epoch": epoch, "top1": None, "top5": None, "loss": epoch_loss, "lr": lr}
+        entry = _train_epoch(run, labels_for_epoch(epoch), epoch, num_epochs)
         last = epoch == num_epochs - 1
         if last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0):
             top1, top5 = evaluate(model, val, mean, std, device, cfg.eval_batch_size,
@@ -191,8 +149,98 @@ def train_student(
         "top1_best": best_top1,
         "best_epoch": best_epoch,
         "history": history,
+        "steps": run.steps,
         "seconds": time.perf_counter() - start_time,
     }
+
+
+def _set_up(model, images, cfg, mean, std, num_classes, device, seed) -> _Run:
+    torch.manual_seed(seed)  # dropout and any other randomness inside the student
+    rank, world = dist_world()
+    # channels_last while training (2x faster small convolutions on the CPU, the layout
+    # tensor cores want); undone at the end, so saved weights have the usual layout.
+    model.to(device, memory_format=torch.channels_last)
+    net: nn.Module = model
+    if world > 1:
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scaler = grad_scaler(device, cfg.mixed_precision)
+    return _Run(model, net, optimizer, scaler, images, cfg, mean, std, num_classes, device,
+                rank, world)
+
+
+def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dict:
+    """One epoch: the learning rate for it, then one optimiser step per stored batch."""
+    lr = cosine_lr(run.cfg.lr, epoch, num_epochs, run.cfg.eta)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    table = epoch_table(table, epoch)
+    _check_num_classes(table, run.num_classes)
+    views = views_from_table(table, epoch)
+    slices = list(views.batch_slices())
+    run.net.train()
+    loss_total = torch.zeros((), dtype=torch.float64)
+    for b, s in enumerate(slices):
+        loss_total += _train_step(run, views[s], table.slice(s.start, s.stop - s.start),
+                                  epoch, b)
+    if run.world > 1:
+        # NCCL reduces only device tensors; gloo handles CPU ones.
+        on = run.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        reduced = loss_total.to(on)
+        dist.all_reduce(reduced)
+        loss_total = reduced.cpu()
+    return {"epoch": epoch, "top1": None, "top5": None,
+            "loss": float(loss_total) / len(slices), "lr": lr}
+
+
+def _train_step(run: _Run, rows, batch_table: pa.Table, epoch: int, b: int) -> torch.Tensor:
+    """One optimiser step on one stored (global) batch; returns this rank's part of the
+    batch's mean loss (the ranks' parts add up to it).
+
+    The batch is split into ``accumulation_steps`` micro-batches (the BatchNorm batch), and
+    rank r renders and trains micro-batches r, r + W, ... only. Each micro-batch's loss is
+    ``sum_loss(micro) * W / B``: DDP averages gradients over the W ranks, so the step's
+    gradient is the batch's mean loss gradient, whatever W is. A rank without a micro-batch
+    (W > number of micro-batches) runs one zero-weight sample, as DDP needs every rank.
+    """
+    full = len(rows)
+    mine = micro_batches(full, run.cfg.accumulation_steps)[run.rank::run.world]
+    weights = [1.0] * len(mine)
+    if not mine:
+        mine, weights = [np.zeros(1, dtype=np.int64)], [0.0]
+    hard = is_hard(batch_table)
+    # Hard-label rows (relabel.label_mode 'hard'): cross-entropy to the CutMix-mixed
+    # one-hot targets instead of KL to teacher logits.
+    targets = (hard_targets if hard else soft_targets)(batch_table, run.num_classes)
+    out_size = run.images.shape[2]
+    part = torch.zeros((), dtype=torch.float64)
+    for k, (positions, weight) in enumerate(zip(mine, weights)):
+        last = k == len(mine) - 1
+        sync = contextlib.nullcontext() if run.world == 1 or last else run.net.no_sync()
+        with sync:
+            x = view_rows(run.images, rows, positions, run.mean, run.std, out_size, run.device)
+            with autocast(run.device, run.cfg.mixed_precision):
+                logits = run.net(to_layout(x, True))
+            if logits.shape[1] != run.num_classes:
+                raise ValueError(f"student outputs {logits.shape[1]} classes, "
+                                 f"expected {run.num_classes}")
+            t = targets[torch.as_tensor(positions)].to(run.device)
+            loss_sum = (hard_loss_sum(logits, t) if hard
+                        else kd_loss_sum(logits, t, run.cfg.temperature))
+            if not torch.isfinite(loss_sum):
+                raise RuntimeError(
+                    f"non-finite student loss at epoch {epoch}, batch {b} "
+                    f"(rank {run.rank}): {loss_sum.item()}"
+                )
+            run.scaler.scale(loss_sum * (weight * run.world / full)).backward()
+        part += weight * loss_sum.detach().double().cpu() / full
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.steps += 1
+    return part
 
 
 def _check_num_classes(table: pa.Table, num_classes: int) -> None:

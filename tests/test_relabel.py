@@ -375,3 +375,25 @@ def test_hard_labels_need_no_teacher_and_mix_like_cutmix():
     assert mixed_rows > 0
     with pytest.raises(ValueError, match="labels"):
         relabel_epochs([], images, MEAN, STD, cfg, range(1), 0, CPU)
+
+
+def test_labels_do_not_depend_on_the_unit_size():
+    """Relabel units of 1 epoch or of 3 epochs store byte-identical rows (BN in train mode:
+    batch statistics, so nothing carries over between epochs or units)."""
+    import pyarrow as pa
+
+    from fadrm.config import RelabelConfig
+    from fadrm.relabel import relabel_epochs
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (12, 3, 16, 16), dtype=torch.uint8)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                  torch.nn.Linear(4, 5))
+    cfg = RelabelConfig(batch_size=5, teacher_bn_mode="train")
+    args = ([teacher], images, [0.5] * 3, [0.25] * 3, cfg)
+    whole = relabel_epochs(*args, range(0, 3), seed=4, device=torch.device("cpu"))
+    parts = pa.concat_tables([relabel_epochs(*args, range(e, e + 1), seed=4,
+                                             device=torch.device("cpu")) for e in range(3)])
+    assert whole.num_rows == 36
+    assert whole.equals(parts)

@@ -21,7 +21,7 @@ from fadrm.relabel import (
     soft_targets,
     views_from_table,
 )
-from fadrm.student import cosine_lr, kd_loss_sum, param_groups, train_student
+from fadrm.student import cosine_lr, kd_loss_sum, micro_batches, param_groups, train_student
 
 torch.set_num_threads(1)
 
@@ -152,8 +152,11 @@ def test_student_replays_exact_views_and_stored_logits():
         stored = views_from_table(table, epoch)
         for s in stored.batch_slices():
             rows = epoch_table(table, epoch).slice(s.start, s.stop - s.start)
-            expected.append((apply_views(x_all, stored[s], 8), soft_targets(rows, 4)))
-    assert len(seen) == len(expected) == 9  # 3 batches (6, 6, 4) per epoch
+            x, t = apply_views(x_all, stored[s], 8), soft_targets(rows, 4)
+            for part in micro_batches(len(x), cfg.accumulation_steps):
+                expected.append((x[part], t[part]))
+    # 3 stored batches (6, 6, 4) per epoch, each as 2 micro-batches (3+3, 3+3, 2+2).
+    assert len(seen) == len(expected) == 18
     for got, (want, logits) in zip(seen, expected, strict=True):
         assert torch.equal(got, want)
         with torch.no_grad():
@@ -161,10 +164,11 @@ def test_student_replays_exact_views_and_stored_logits():
         assert torch.equal(again, logits)
 
     # Optimiser groups, observed through weight decay alone (zero gradients):
-    # 2 steps per epoch (batches 1+2, then the leftover batch 3), 6 steps in all.
+    # one step per stored batch, 3 per epoch, 9 in all.
+    assert result["steps"] == 9
     decay = 1.0
     for e in range(3):
-        decay *= (1 - cosine_lr(cfg.lr, e, 3, cfg.eta) * cfg.weight_decay) ** 2
+        decay *= (1 - cosine_lr(cfg.lr, e, 3, cfg.eta) * cfg.weight_decay) ** 3
     torch.testing.assert_close(student.extra_matrix.detach(), torch.full((3, 3), decay))
     assert torch.equal(student.extra_bias.detach(), torch.ones(3))
 
@@ -271,7 +275,10 @@ def test_ddp_gradient_equals_full_batch(tmp_path):
     out = tmp_path / "rank0.pt"
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), payload), nprocs=2)
     got = torch.load(out, weights_only=False)
-    assert len(got["grads"]) == len(ref_grads) == 4  # batches (4, 4, 4, 1), 2 per step
+    # Stored batches (4, 4, 4, 1): one step each, 8 over 2 epochs, whatever the world size;
+    # rank 1 gets no micro-batch of the last batch (1 row) and runs a zero-weight sample.
+    assert len(got["grads"]) == len(ref_grads) == 8
+    assert got["result"]["steps"] == ref["steps"] == 8
     for step_got, step_ref in zip(got["grads"], ref_grads, strict=True):
         for g, r in zip(step_got, step_ref, strict=True):
             torch.testing.assert_close(g, r, atol=1e-7, rtol=1e-5)
