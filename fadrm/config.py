@@ -371,9 +371,11 @@ class ExecutionConfig:
     """Seconds a stage may wait for its first worker group (workers or GPUs the cluster
     does not have yet; the driver says once a minute what it waits for) before the run
     fails; None -> wait forever. Keep it above your autoscaler's GPU node start time."""
-    verify_outputs: bool = True
-    """Check every complete output's sha256 before a run (False: sizes only); damaged
-    outputs are discarded and regenerated."""
+    verify_outputs: bool = False
+    """Before a run, every complete output is checked against its sidecar: size always,
+    sha256 of every byte only when true (slow at scale). Either way each shard's sha256 is
+    verified when a stage reads it, so a damaged shard is never used; damaged outputs are
+    discarded and regenerated."""
 
     def validate(self, p: str) -> None:
         _positive(self.min_workers, f"{p}.min_workers")

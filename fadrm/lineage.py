@@ -62,7 +62,8 @@ class StageStatus:
     name: str
     key: str
     state: str
-    """'done', 'partial', 'missing' (never run) or 'stale' (inputs changed since last run)."""
+    """'done', 'partial', 'missing' (never run), 'stale' (inputs changed since last run) or
+    'damaged' (a complete output no longer matches its checksum sidecar)."""
     done_units: int
     total_units: int
     reason: str = ""

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from fadrm import __version__, shards, storage
@@ -262,14 +263,42 @@ class RecoverStage(Stage):
         shards.write_table(self.unit_uri(unit), shards.images_table(images, classes, ids))
 
 
-def load_distilled(plan: "RunPlan") -> tuple[torch.Tensor, torch.Tensor]:
-    """All distilled images (uint8, ordered by image id) and their labels."""
+def load_distilled(plan: "RunPlan", classes: list[int] | None = None,
+                   max_ipc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distilled images (uint8, ordered by image id) and their labels.
+
+    ``classes`` / ``max_ipc``: only those classes and the first ``max_ipc`` images of each
+    (the report's grid), read from only the shards that hold them. Each image is copied
+    once, from the shard's buffers into the result.
+    """
+    ipc = plan.cfg.ipc
+    classes = list(range(plan.num_classes)) if classes is None else sorted(classes)
+    k = ipc if max_ipc is None else min(ipc, max_ipc)
+    slot = {c: n for n, c in enumerate(classes)}  # class -> its block of k rows
     stage = plan.images_stage
-    parts = [shards.table_images(shards.read_table(stage.unit_uri(u))) for u in stage.units()]
-    images = torch.cat([p[0] for p in parts])
-    labels = torch.cat([p[1] for p in parts])
-    order = torch.argsort(torch.cat([p[2] for p in parts]))
-    return images[order], labels[order]
+    wanted_blocks = {c // plan.block_size for c in classes}
+    out = labels = None
+    filled = 0
+    for unit in stage.units():
+        block = int(unit[1:4])
+        index = int(unit.split("-i")[1]) if "-i" in unit else None
+        if block not in wanted_blocks or (index is not None and index >= k):
+            continue
+        pixels, row_labels, ids, shape = shards.image_rows(shards.read_table(stage.unit_uri(unit)))
+        keep = [(r, slot[int(i) // ipc] * k + int(i) % ipc) for r, i in enumerate(ids)
+                if int(i) // ipc in slot and int(i) % ipc < k]
+        if out is None:
+            out = torch.empty((len(classes) * k, *shape), dtype=torch.uint8)
+            labels = torch.empty(len(classes) * k, dtype=torch.long)
+        src, dst = (np.array(v, dtype=np.int64) for v in zip(*keep)) if keep else ([], [])
+        out.view(len(out), -1).numpy()[dst] = pixels[src]
+        labels[torch.from_numpy(np.asarray(dst, dtype=np.int64))] = torch.from_numpy(
+            row_labels[src].astype(np.int64))
+        filled += len(keep)
+    if out is None or filled != len(out):
+        raise RuntimeError(f"{stage.name}: distilled images incomplete ({filled} of "
+                           f"{len(classes) * k} found)")
+    return out, labels
 
 
 class RelabelStage(Stage):
@@ -545,10 +574,18 @@ class RunPlan:
         out = []
         for stage in self.stages:
             units = stage.units()
-            done = sum(stage.is_done(u) for u in units)
+            complete = [u for u in units if stage.is_done(u)]
+            done = len(complete)
             label = _stage_label(stage)
             prev = previous.get(label)
-            if done == len(units):
+            # Cheap (sizes against sidecars, no re-hashing): what `run` would repair first.
+            damaged = [(stage.unit_uri(u), problem) for u in complete
+                       if (problem := shards.check(stage.unit_uri(u), full=False))]
+            if damaged:
+                uri, problem = damaged[0]
+                state, reason = "damaged", (f"{len(damaged)} damaged output(s), e.g. {uri}: "
+                                            f"{problem}; `fadrm run` regenerates them")
+            elif done == len(units):
                 state, reason = "done", ""
             elif prev and prev["key"] != stage.key.key:
                 state = "stale"

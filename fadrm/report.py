@@ -15,6 +15,8 @@ from fadrm.config import config_to_dict
 
 log = logging.getLogger("fadrm.report")
 
+GRID_CLASSES, GRID_PER_CLASS = 20, 10
+
 
 def render_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
                 max_per_class: int = 10, max_classes: int = 20) -> bytes:
@@ -57,7 +59,9 @@ def write_report(plan, timings: dict[str, float], repaired: list[dict] | None = 
     cfg = plan.cfg
     run_dir = plan.run_dir
     ev = shards.read_json(plan.evaluate.unit_uri("student"))
-    images, labels = load_distilled(plan)
+    # The grid shows at most GRID_CLASSES classes x GRID_PER_CLASS images: read just those.
+    shown = list(range(min(plan.num_classes, GRID_CLASSES)))
+    images, labels = load_distilled(plan, shown, GRID_PER_CLASS)
 
     teachers = []
     for i, t in enumerate(cfg.teachers):
@@ -73,7 +77,7 @@ def write_report(plan, timings: dict[str, float], repaired: list[dict] | None = 
         "method": cfg.recover.method,
         "ipc": cfg.ipc,
         "num_classes": plan.num_classes,
-        "num_images": int(images.shape[0]),
+        "num_images": plan.num_classes * cfg.ipc,
         "teacher_top1": ev["teacher_top1"],
         "teachers_top1": ev["teachers_top1"],
         "student_top1": ev["student_top1"],
@@ -102,7 +106,7 @@ def write_report(plan, timings: dict[str, float], repaired: list[dict] | None = 
         "repaired_outputs": repaired or [],
         "metrics": metrics,
     }
-    grid = render_grid(images, labels, plan.classes)
+    grid = render_grid(images, labels, plan.classes, GRID_PER_CLASS, GRID_CLASSES)
     storage.write_bytes_atomic(storage.join(run_dir, "grid.png"), grid)
     storage.write_bytes_atomic(storage.join(run_dir, "config.yaml"),
                                yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())

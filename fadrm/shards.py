@@ -67,8 +67,12 @@ def read_artifact(uri: str) -> bytes:
         raise ShardCorruptError(f"{uri}: no checksum sidecar (incomplete write)")
     digest = storage.sha256_bytes(data)
     if digest != info["sha256"]:
+        # Never used, and not left for the next reader: discarded, so the unit becomes
+        # pending and the next run regenerates it (with the same bytes).
+        discard(uri)
         raise ShardCorruptError(
-            f"{uri}: sha256 {digest[:12]}... does not match recorded {info['sha256'][:12]}..."
+            f"{uri}: sha256 {digest[:12]}... does not match recorded {info['sha256'][:12]}... "
+            f"(damaged; discarded: run again to regenerate it)"
         )
     return data
 
@@ -167,6 +171,21 @@ def table_images(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     ids = torch.from_numpy(table.column("image_id").to_numpy().astype(np.int64))
     return images, labels, ids
+
+
+def image_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+    """Zero-copy views of an image shard: (pixels uint8 [N, C*H*W], labels, ids, (C, H, W)).
+
+    The pixel view reads the table's own buffers (one chunk at a time is combined only when
+    a table has several), so a caller copies each image exactly once, into its destination.
+    """
+    shape = tuple(json.loads(table.schema.metadata[b"shape"]))
+    column = table.column("pixels")
+    chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    pixels = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), -1)
+    labels = table.column("label").to_numpy()
+    ids = table.column("image_id").to_numpy()
+    return pixels, labels, ids, shape
 
 
 def table_nbytes(table: pa.Table) -> int:

@@ -81,14 +81,20 @@ def test_corrupt_shard_is_detected(finished_run):
     plan = RunPlan(cfg)
     uri = plan.recover.unit_uri(plan.recover.units()[0])
     original = open(uri, "rb").read()
+    sidecar = open(uri + ".json", "rb").read()
     try:
         with open(uri, "r+b") as f:
             f.seek(len(original) // 2)
             f.write(bytes([original[len(original) // 2] ^ 0xFF]))
-        with pytest.raises(shards.ShardCorruptError, match="sha256"):
+        # Same size, so only reading finds it: the reader refuses it and discards it,
+        # which makes the unit pending for the next run.
+        assert shards.check(uri, full=False) is None
+        with pytest.raises(shards.ShardCorruptError, match="sha256.*discarded"):
             shards.read_table(uri)
+        assert not shards.is_complete(uri)
     finally:
         open(uri, "wb").write(original)
+        open(uri + ".json", "wb").write(sidecar)
 
 
 def test_status_cli_exit_codes(finished_run, tmp_path, capsys):
@@ -162,6 +168,9 @@ def test_damaged_shard_is_regenerated_with_identical_bytes(tmp_path, fmnist_root
     uri = plan.recover.unit_uri(plan.recover.units()[1])
     original = open(uri, "rb").read()
     open(uri, "wb").write(original[:-100])  # truncated
+    recover = {s.name: s for s in RunPlan(cfg).status().stages}["recover"]
+    assert recover.state == "damaged" and uri in recover.reason  # status sees it, cheaply
+    assert not RunPlan(cfg).status().up_to_date
     rerun = RecordingExecutor()
     run_pipeline(cfg, rerun, show_progress=False)
     assert rerun.ran == ["recover"]  # regenerated; nothing downstream changes
@@ -191,3 +200,26 @@ def test_hard_label_baseline_runs_without_teacher_logits(tmp_path, fmnist_root):
     assert 0 <= metrics["student_top1"] <= 100
     soft = load_config({**settings, "relabel": {**settings["relabel"], "label_mode": "soft"}})
     assert RunPlan(soft).relabel.key.key != plan.relabel.key.key
+
+
+def test_report_reads_only_the_images_it_draws(finished_run, monkeypatch):
+    from fadrm import report
+    from fadrm.pipeline import load_distilled
+
+    cfg, metrics, _ = finished_run
+    plan = RunPlan(cfg)
+    reads: list[str] = []
+    original = shards.read_table
+    monkeypatch.setattr(shards, "read_table", lambda uri, **kw: reads.append(uri)
+                        or original(uri, **kw))
+    monkeypatch.setattr(report, "GRID_CLASSES", 3)
+    monkeypatch.setattr(report, "GRID_PER_CLASS", 1)
+    again = report.write_report(plan, metrics["stage_seconds"])
+    recover_reads = [u for u in reads if "/recover/" in u]
+    assert recover_reads == [plan.recover.unit_uri("b000-i0000")]  # not IPC index 1
+    assert again["num_images"] == 20
+    # The grid's subset equals the same rows of the full set (ids ordered class-major).
+    full, full_labels = load_distilled(plan)
+    part, part_labels = load_distilled(plan, [0, 1, 2], 1)
+    assert torch.equal(part, full[[0, 2, 4]]) and part_labels.tolist() == [0, 1, 2]
+    assert full_labels.tolist() == [c for c in range(10) for _ in range(2)]
