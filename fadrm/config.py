@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -136,9 +137,14 @@ class TeacherConfig:
     model: str = "resnet18"
     """torchvision or timm model name, or a built-in name such as 'convnet'."""
     weights: str | None = None
-    """Path (or s3:// URI) of a state_dict; None -> trained by the squeeze stage."""
+    """Path, s3:// or https:// URI of a state_dict; None -> trained by the squeeze stage."""
+    sha256: str | None = None
+    """sha256 of the weights file: required for https:// weights (the pin is the teacher's
+    fingerprint, and downloads are checked against it), checked when given for others."""
     pretrained: bool = False
-    """Load the library's named pretrained weights (needs network access to the hub)."""
+    """Load the library's named pretrained weights from the local torch / Hugging Face
+    cache (runs never download them; preflight says which file to fetch); the file's own
+    sha256 is the teacher's fingerprint."""
     small_stem: bool | None = None
     """3x3 stride-1 stem without max-pool; None -> automatic for inputs <= 64 px."""
     ensemble_weight: float = 0.0
@@ -153,6 +159,15 @@ class TeacherConfig:
             raise ConfigError(f"{p}.model", "is required")
         if self.weights and self.pretrained:
             raise ConfigError(f"{p}.pretrained", "cannot be combined with weights")
+        if self.sha256 is not None and not _SHA256.fullmatch(self.sha256):
+            raise ConfigError(f"{p}.sha256", f"must be 64 hex digits, got {self.sha256!r}")
+        if self.weights and self.weights.split("://")[0] in ("http", "https") \
+                and not self.sha256:
+            raise ConfigError(f"{p}.sha256", f"is required for weights from {self.weights} "
+                              f"(a URL can change under the same name): pin the file's "
+                              f"sha256, e.g. from `sha256sum FILE`")
+        if self.sha256 and not self.weights:
+            raise ConfigError(f"{p}.sha256", "pins a weights file: set weights too")
 
 
 @dataclass(kw_only=True)
@@ -475,6 +490,8 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------- helpers
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _positive(value: float, path: str) -> None:

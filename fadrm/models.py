@@ -41,6 +41,9 @@ __all__ = [
     "check_weights_fit",
     "PretrainedFile",
     "pretrained_file",
+    "pretrained_fingerprint",
+    "read_pinned",
+    "weights_cache_dir",
 ]
 
 # (num_classes, in_chans, image_size) -> model
@@ -545,3 +548,71 @@ def pretrained_file(name: str) -> PretrainedFile | None:
         return PretrainedFile(name, pcfg.url,
                               os.path.join(hub_checkpoints, os.path.basename(pcfg.url)))
     return None
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: str) -> str:
+    """sha256 of a local file, remembered per (path, mtime, size) in this process."""
+    import hashlib
+    import os
+
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def pretrained_fingerprint(name: str) -> str:
+    """The fingerprint of ``name``'s pretrained weights: the cached file's own sha256, so a
+    library upgrade (or a replaced file) that changes the weights changes every stage key
+    that used them; the bare name only where the file is not on this machine (preflight
+    refuses to run such a config)."""
+    try:
+        source = pretrained_file(name)
+    except Exception:  # noqa: BLE001 - no pretrained config: preflight names the problem
+        source = None
+    if source is None or not source.cached:
+        return f"pretrained:{name}"
+    return f"pretrained:{name}:sha256:{_file_sha256(source.path)}"
+
+
+def weights_cache_dir() -> str:
+    """Where downloaded (https://) weights are kept, by sha256: $FADRM_CACHE/weights, else
+    ~/.cache/fadrm/weights."""
+    import os
+
+    root = os.environ.get("FADRM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "fadrm")
+    return os.path.join(root, "weights")
+
+
+def read_pinned(uri: str, sha256: str | None, key: str = "weights") -> bytes:
+    """The bytes of a weights file, checked against its ``sha256`` pin when there is one.
+
+    URLs are downloaded once per machine into :func:`weights_cache_dir` (named by the pin)
+    and read from there afterwards. A mismatch is a :class:`WeightsError` naming both
+    digests; nothing mismatched is ever cached or loaded.
+    """
+    import os
+
+    cached = os.path.join(weights_cache_dir(), f"{sha256}.pt") if sha256 else None
+    if cached and storage.is_url(uri) and os.path.isfile(cached):
+        data = open(cached, "rb").read()
+        if storage.sha256_bytes(data) == sha256:
+            return data
+    data = storage.read_bytes(uri)
+    digest = storage.sha256_bytes(data)
+    if sha256 and digest != sha256:
+        raise WeightsError(f"{key}: {uri} has sha256 {digest[:16]}... but its pin "
+                           f"(sha256 in the config) is {sha256[:16]}...: the file changed, or "
+                           f"the pin is wrong; nothing was loaded")
+    if cached and storage.is_url(uri):
+        storage.write_bytes_atomic(cached, data)
+    return data

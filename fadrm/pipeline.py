@@ -447,11 +447,19 @@ class RunPlan:
         # of an in-process executor); never pickled to Ray workers, which read the URI.
         self._weights: dict[int, bytes] = {}
         for i, t in enumerate(cfg.teachers):
-            if t.weights:
-                self._weights[i] = storage.read_bytes(t.weights)
+            if t.weights and storage.is_url(t.weights):
+                # Pinned (required for URLs): the pin is the fingerprint; the bytes are
+                # downloaded when first needed, once per machine (fadrm.models.read_pinned).
+                self._teacher_fp.append(f"sha256:{t.sha256}")
+            elif t.weights:
+                from fadrm.models import read_pinned
+
+                self._weights[i] = read_pinned(t.weights, t.sha256, f"teachers[{i}].weights")
                 self._teacher_fp.append("sha256:" + storage.sha256_bytes(self._weights[i]))
             elif t.pretrained:
-                self._teacher_fp.append(f"pretrained:{t.model}")
+                from fadrm.models import pretrained_fingerprint
+
+                self._teacher_fp.append(pretrained_fingerprint(t.model))
             else:
                 key = StageKey("squeeze", {
                     "teacher": {"model": t.model, "small_stem": t.small_stem},
@@ -515,7 +523,14 @@ class RunPlan:
         return out
 
     def teacher_bytes(self, index: int) -> bytes | None:
-        """The given weights of teacher ``index`` as read when planning (None: not cached)."""
+        """The given weights of teacher ``index`` (read once per process, checked against
+        its pin); None for a teacher without given weights."""
+        t = self.cfg.teachers[index]
+        if index not in self._weights and t.weights:
+            from fadrm.models import read_pinned
+
+            self._weights[index] = read_pinned(t.weights, t.sha256,
+                                               f"teachers[{index}].weights")
         return self._weights.get(index)
 
     def block_classes(self, block: int) -> list[int]:

@@ -166,8 +166,8 @@ def check_data(cfg: RunConfig, warnings: list[str] | None = None,
 
 def _check_weights_exist(cfg: RunConfig) -> None:
     for i, t in enumerate(cfg.teachers):
-        if not t.weights:
-            continue
+        if not t.weights or storage.is_url(t.weights):
+            continue  # a URL is fetched (and checked against its pin) by the fit check
         try:
             found = storage.exists(t.weights)
         except OSError as exc:
@@ -205,7 +205,13 @@ def check_teachers(cfg: RunConfig, plan, warnings: list[str] | None = None) -> N
         model = None
         if t.weights:
             model = _shape_model(plan, i)
-            check_weights_fit(model, plan.teacher_bytes(i), t.weights)
+            try:
+                data = plan.teacher_bytes(i)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"{key}.weights", str(exc)) from None
+            except OSError as exc:
+                raise _unreachable(f"{key}.weights", t.weights, exc) from None
+            check_weights_fit(model, data, t.weights)
         elif t.pretrained:
             _check_pretrained(key, t.model, pretrained_file)
         if bn_matching and i in cfg.recover_teachers:

@@ -33,6 +33,7 @@ __all__ = [
     "delete",
     "size",
     "sha256_bytes",
+    "is_url",
     "local_path",
 ]
 
@@ -105,7 +106,29 @@ def local_path(uri: str) -> Path | None:
     return None if is_remote(uri) else Path(str(uri).removeprefix("file://"))
 
 
+def is_url(uri: str) -> bool:
+    """http(s):// (read with a GET; never listed or written)."""
+    return str(uri).split("://")[0] in ("http", "https")
+
+
+def _fetch_url(uri: str, timeout: float = 60.0) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri, timeout=timeout) as response:  # noqa: S310
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise FileNotFoundError(f"{uri}: not found (HTTP 404)") from exc
+        raise OSError(f"{uri}: HTTP {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        raise OSError(f"{uri}: {exc.reason}") from exc
+
+
 def read_bytes(uri: str) -> bytes:
+    if is_url(uri):
+        return _fetch_url(uri)
     fs, path = filesystem(uri)
     try:
         with fs.open_input_stream(path) as f:
