@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test test-fast clean
+.PHONY: setup data demo test test-fast gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,10 +33,16 @@ demo: setup data
 	$(BIN)/fadrm demo
 
 test: setup data
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# GPU node check: correctness and speed in a few minutes, with the python on PATH (PY=...),
+# no venv, no install, no Ray (a stock CUDA PyTorch image); see README "Checking a GPU node".
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m benchmarks.gpu_check --out gpu-check-out
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -291,7 +291,8 @@ def cache_data_loading() -> None:
 def run_local(cfg_dict: dict, device: str = "auto") -> dict:
     """Run (or resume) one pipeline in this process; returns its metrics."""
     from fadrm.config import load_config
-    from fadrm.pipeline import LocalExecutor, run_pipeline
+    from fadrm.pipeline import LocalExecutor
+    from fadrm.runner import run_pipeline
 
     cache_data_loading()
     return run_pipeline(load_config(cfg_dict), LocalExecutor(device), show_progress=False)

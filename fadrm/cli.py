@@ -10,25 +10,8 @@ import traceback
 
 from fadrm import __version__
 from fadrm.config import RunConfig, add_config_argument, list_presets, load_config
-from fadrm.errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, EXIT_WORK_TO_DO, InputError,
-                          MissingDependencyError)
-
-
-def print_summary(cfg: RunConfig, metrics: dict, file=None) -> None:
-    from fadrm import storage
-
-    file = file or sys.stdout
-    run_dir = storage.join(cfg.output, "runs", cfg.name)
-    stages = ", ".join(f"{k} {v:.0f}s" for k, v in metrics["stage_seconds"].items())
-    print(f"\n== {cfg.name}: {metrics['method']} IPC{metrics['ipc']} "
-          f"({metrics['num_images']} images, {metrics['num_classes']} classes) ==", file=file)
-    print(f"  teacher top-1        {metrics['teacher_top1']:6.2f} %", file=file)
-    print(f"  student top-1 final  {metrics['student_top1']:6.2f} %   "
-          f"(best {metrics['student_top1_best']:.2f} % at epoch {metrics['best_epoch']}; "
-          f"top-5 {metrics['student_top5']:.2f} %)", file=file)
-    print(f"  stage seconds        {stages}", file=file)
-    print(f"  report               {run_dir}/ (metrics.json, manifest.json, grid.png)",
-          file=file)
+from fadrm.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, EXIT_WORK_TO_DO, InputError
+from fadrm.runner import EXECUTORS, create_executor, print_summary, run_config  # noqa: F401
 
 
 def _load(args) -> RunConfig:
@@ -36,36 +19,6 @@ def _load(args) -> RunConfig:
         raise InputError(f"fadrm {args.command}: a config is required (CONFIG or "
                          f"--config CONFIG; presets: fadrm presets)")
     return load_config(args.config, args.overrides)
-
-
-EXECUTORS = ("ray", "local")
-
-
-def create_executor(cfg: RunConfig, name: str = "ray"):
-    """The executor called ``name``: 'ray' (Ray Train on an embedded or remote Ray cluster)
-    or 'local' (every unit in this process, on ``execution.device``; needs no Ray)."""
-    if name == "local":
-        from fadrm.pipeline import LocalExecutor
-
-        return LocalExecutor(cfg.execution.device)
-    if name != "ray":
-        raise InputError(f"--executor: unknown executor {name!r}; choose from {EXECUTORS}")
-    try:
-        import ray  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "ray", "the Ray executor (the default of `fadrm run`)",
-            "pip install 'ray[train]'; or run in this process with --executor local") from exc
-    from ray_jobs.executor import RayTrainExecutor
-
-    return RayTrainExecutor(cfg)
-
-
-def run_config(cfg: RunConfig, executor: str = "ray", show_progress: bool = True) -> dict:
-    """Run every stage of ``cfg`` that is not complete; returns the run's metrics."""
-    from fadrm.pipeline import run_pipeline
-
-    return run_pipeline(cfg, create_executor(cfg, executor), show_progress=show_progress)
 
 
 def cmd_run(args) -> int:

@@ -13,6 +13,9 @@ workers as an Arrow *index* shard under ``<output>/index/<fingerprint>.arrow`` (
 size, split), written once per data fingerprint, so no worker lists the tree again. IDX data
 (Fashion-MNIST and friends) is a few files: it is decoded whole, once per process, and served
 from memory (the in-memory cache "when it fits").
+
+:func:`load_distilled` is the same for the distilled images: relabel, evaluate and the
+report read them through it (the report only the classes it draws).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from fadrm import shards, storage
 from fadrm.config import DataConfig
 from fadrm.data import DataError, DataSummary, ImageSet
 
-__all__ = ["Listing", "list_data", "DataSource"]
+__all__ = ["Listing", "list_data", "DataSource", "load_distilled"]
 
 log = logging.getLogger("fadrm.datasource")
 
@@ -210,3 +213,43 @@ class DataSource:
         threads = _decode_threads(self.cfg.root)
         return fdata.decode_files(files, self.cfg, None, threads)
 
+
+# --------------------------------------------------------------------------- distilled
+
+
+def load_distilled(plan, classes: list[int] | None = None,
+                   max_ipc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distilled images (uint8, ordered by image id) and their labels.
+
+    ``classes`` / ``max_ipc``: only those classes and the first ``max_ipc`` images of each
+    (the report's grid), read from only the shards that hold them. Each image is copied
+    once, from the shard's buffers into the result.
+    """
+    ipc = plan.cfg.ipc
+    classes = list(range(plan.num_classes)) if classes is None else sorted(classes)
+    k = ipc if max_ipc is None else min(ipc, max_ipc)
+    slot = {c: n for n, c in enumerate(classes)}  # class -> its block of k rows
+    stage = plan.images_stage
+    wanted_blocks = {c // plan.block_size for c in classes}
+    out = labels = None
+    filled = 0
+    for unit in stage.units():
+        block = int(unit[1:4])
+        index = int(unit.split("-i")[1]) if "-i" in unit else None
+        if block not in wanted_blocks or (index is not None and index >= k):
+            continue
+        pixels, row_labels, ids, shape = shards.image_rows(shards.read_table(stage.unit_uri(unit)))
+        keep = [(r, slot[int(i) // ipc] * k + int(i) % ipc) for r, i in enumerate(ids)
+                if int(i) // ipc in slot and int(i) % ipc < k]
+        if out is None:
+            out = torch.empty((len(classes) * k, *shape), dtype=torch.uint8)
+            labels = torch.empty(len(classes) * k, dtype=torch.long)
+        src, dst = (np.array(v, dtype=np.int64) for v in zip(*keep)) if keep else ([], [])
+        out.view(len(out), -1).numpy()[dst] = pixels[src]
+        labels[torch.from_numpy(np.asarray(dst, dtype=np.int64))] = torch.from_numpy(
+            row_labels[src].astype(np.int64))
+        filled += len(keep)
+    if out is None or filled != len(out):
+        raise RuntimeError(f"{stage.name}: distilled images incomplete ({filled} of "
+                           f"{len(classes) * k} found)")
+    return out, labels

@@ -17,7 +17,7 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 def run_demo(output: str = "runs/demo", overrides: list[str] | None = None,
              show_progress: bool = True, executor: str = "ray") -> int:
-    from fadrm.cli import print_summary, run_config
+    from fadrm.runner import print_summary, run_config
 
     base = [f"output={output}", *(overrides or [])]
     fadrm_cfg = load_config("demo", base)

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["digest", "StageKey", "StageStatus", "RunStatus", "diff_components", "run_status"]
+__all__ = ["digest", "StageKey", "StageStatus", "RunStatus", "diff_components"]
 
 
 def digest(obj: Any, length: int = 16) -> str:
@@ -78,9 +78,3 @@ class RunStatus:
     def up_to_date(self) -> bool:
         return all(s.state == "done" for s in self.stages)
 
-
-def run_status(cfg) -> RunStatus:
-    """Status of every stage of ``cfg``'s run (what `fadrm status` prints)."""
-    from fadrm.pipeline import RunPlan
-
-    return RunPlan(cfg).status()

@@ -1,6 +1,7 @@
 """The stage graph: squeeze -> select -> recover -> relabel -> evaluate.
 
-A :class:`RunPlan` turns a :class:`RunConfig` into stages. Each stage has a content key
+A :class:`RunPlan` turns a :class:`RunConfig` into stages (running them, with preflight and
+the report, is :mod:`fadrm.runner`'s). Each stage has a content key
 (:mod:`fadrm.lineage`), a list of deterministic work units, and a worker-side
 ``setup`` / ``run_unit`` pair. Executors (in-process here, Ray Train in ``ray_jobs``) only
 decide *where* units run; what a unit computes depends on (run seed, unit id) alone, so its
@@ -27,11 +28,12 @@ from fadrm import __version__, shards, storage
 from fadrm.amp import resolve_device
 from fadrm.config import RunConfig, config_to_dict
 from fadrm.data import normalize
+from fadrm.datasource import load_distilled
 from fadrm.lineage import RunStatus, StageKey, StageStatus, diff_components
 
 log = logging.getLogger("fadrm.pipeline")
 
-__all__ = ["WorkerContext", "Stage", "RunPlan", "LocalExecutor", "run_pipeline", "unit_seed"]
+__all__ = ["WorkerContext", "Stage", "RunPlan", "LocalExecutor", "StageProgress", "unit_seed"]
 
 
 def unit_seed(run_seed: int, stage: str, unit: str) -> int:
@@ -71,6 +73,11 @@ class Stage:
     @property
     def dir(self) -> str:
         return storage.join(self.cfg.output, self.name, self.key.key)
+
+    @property
+    def label(self) -> str:
+        """The stage's name in reports and status (``squeeze[i]`` per teacher)."""
+        return self.name
 
     def units(self) -> list[str]:
         raise NotImplementedError
@@ -140,6 +147,10 @@ class SqueezeStage(Stage):
     def __init__(self, plan: "RunPlan", key: StageKey, index: int):
         super().__init__(plan, key)
         self.index = index
+
+    @property
+    def label(self) -> str:
+        return f"squeeze[{self.index}]"
 
     def units(self) -> list[str]:
         return ["teacher"]
@@ -261,44 +272,6 @@ class RecoverStage(Stage):
         images = denormalize(result.images.cpu(), d.mean, d.std)
         ids = [c * self.cfg.ipc + index for c in classes]
         shards.write_table(self.unit_uri(unit), shards.images_table(images, classes, ids))
-
-
-def load_distilled(plan: "RunPlan", classes: list[int] | None = None,
-                   max_ipc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distilled images (uint8, ordered by image id) and their labels.
-
-    ``classes`` / ``max_ipc``: only those classes and the first ``max_ipc`` images of each
-    (the report's grid), read from only the shards that hold them. Each image is copied
-    once, from the shard's buffers into the result.
-    """
-    ipc = plan.cfg.ipc
-    classes = list(range(plan.num_classes)) if classes is None else sorted(classes)
-    k = ipc if max_ipc is None else min(ipc, max_ipc)
-    slot = {c: n for n, c in enumerate(classes)}  # class -> its block of k rows
-    stage = plan.images_stage
-    wanted_blocks = {c // plan.block_size for c in classes}
-    out = labels = None
-    filled = 0
-    for unit in stage.units():
-        block = int(unit[1:4])
-        index = int(unit.split("-i")[1]) if "-i" in unit else None
-        if block not in wanted_blocks or (index is not None and index >= k):
-            continue
-        pixels, row_labels, ids, shape = shards.image_rows(shards.read_table(stage.unit_uri(unit)))
-        keep = [(r, slot[int(i) // ipc] * k + int(i) % ipc) for r, i in enumerate(ids)
-                if int(i) // ipc in slot and int(i) % ipc < k]
-        if out is None:
-            out = torch.empty((len(classes) * k, *shape), dtype=torch.uint8)
-            labels = torch.empty(len(classes) * k, dtype=torch.long)
-        src, dst = (np.array(v, dtype=np.int64) for v in zip(*keep)) if keep else ([], [])
-        out.view(len(out), -1).numpy()[dst] = pixels[src]
-        labels[torch.from_numpy(np.asarray(dst, dtype=np.int64))] = torch.from_numpy(
-            row_labels[src].astype(np.int64))
-        filled += len(keep)
-    if out is None or filled != len(out):
-        raise RuntimeError(f"{stage.name}: distilled images incomplete ({filled} of "
-                           f"{len(classes) * k} found)")
-    return out, labels
 
 
 class RelabelStage(Stage):
@@ -441,6 +414,12 @@ class RunPlan:
         self._data = {"fingerprint": self.data_fp, "resolution": d.resolution,
                       "channels": d.channels, "mean": d.mean, "std": d.std}
 
+        self._plan_teachers()
+        self._plan_stages()
+
+    def _plan_teachers(self) -> None:
+        """Each teacher's fingerprint, and a squeeze stage for every teacher to train."""
+        cfg = self.cfg
         self.squeeze: dict[int, SqueezeStage] = {}
         self._teacher_fp: list[str] = []
         # Given weights, read once here (fingerprint, preflight's fit check, and the stages
@@ -469,6 +448,10 @@ class RunPlan:
                 self.squeeze[i] = SqueezeStage(self, key, i)
                 self._teacher_fp.append(f"squeeze:{key.key}")
 
+    def _plan_stages(self) -> None:
+        """select -> recover -> relabel -> evaluate, each keyed by what its output depends on
+        (a baseline without selection or without pixel optimisation skips that stage)."""
+        cfg, d = self.cfg, self.cfg.data
         spec = cfg.recover.spec
         self.select: SelectStage | None = None
         if spec.init != "noise":
@@ -591,7 +574,7 @@ class RunPlan:
             units = stage.units()
             complete = [u for u in units if stage.is_done(u)]
             done = len(complete)
-            label = _stage_label(stage)
+            label = stage.label
             prev = previous.get(label)
             # Cheap (sizes against sidecars, no re-hashing): what `run` would repair first.
             damaged = [(stage.unit_uri(u), problem) for u in complete
@@ -612,10 +595,6 @@ class RunPlan:
                 state, reason = "missing", "never run"
             out.append(StageStatus(label, stage.key.key, state, done, len(units), reason))
         return RunStatus(out, self.fingerprints())
-
-
-def _stage_label(stage: Stage) -> str:
-    return f"squeeze[{stage.index}]" if isinstance(stage, SqueezeStage) else stage.name
 
 
 # --------------------------------------------------------------------------- execution
@@ -655,72 +634,3 @@ class StageProgress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def repair_outputs(plan: RunPlan, full: bool = True) -> list[dict]:
-    """Find complete outputs whose bytes do not match their checksum; discard them.
-
-    Their units become pending again and are regenerated; since a unit's bytes depend only
-    on its id, the regenerated shard equals the lost one and nothing downstream changes.
-    """
-    damaged = []
-    for stage in plan.stages:
-        for unit in stage.units():
-            uri = stage.unit_uri(unit)
-            if not shards.is_complete(uri):
-                continue
-            problem = shards.check(uri, full=full)
-            if problem:
-                log.warning("%s: damaged output %s (%s); regenerating it",
-                            _stage_label(stage), uri, problem)
-                shards.discard(uri)
-                damaged.append({"stage": _stage_label(stage), "uri": uri, "problem": problem})
-    return damaged
-
-
-def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> dict:
-    """Run every stage that is not complete, then write the run report. Returns metrics.
-
-    The inputs are checked first (:func:`fadrm.preflight.preflight`: output writable, data,
-    teachers), so bad input fails in seconds, before any stage. When every stage is already
-    complete and the run's report matches the current stage keys, nothing is computed or
-    rewritten: the previous metrics are returned ("up to date").
-    """
-    from fadrm.preflight import preflight
-    from fadrm.report import write_report
-
-    plan = preflight(cfg).plan
-    if any(s.pending() for s in plan.stages):
-        plan.source.write_index(cfg.output)  # workers read it instead of listing again
-    damaged = repair_outputs(plan, full=cfg.execution.verify_outputs)
-    todo = {_stage_label(s): s.pending() for s in plan.stages}
-    if not damaged and not any(todo.values()):
-        previous = plan.previous_manifest()
-        keys = {_stage_label(s): s.key.key for s in plan.stages}
-        if previous and {k: v["key"] for k, v in previous["stages"].items()} == keys:
-            log.info("%s: up to date, nothing to do (report: %s)", cfg.name, plan.run_dir)
-            return shards.read_json(storage.join(plan.run_dir, "metrics.json"))
-    timings: dict[str, float] = {}
-    for stage in plan.stages:
-        label = _stage_label(stage)
-        pending = stage.pending()
-        if not pending:
-            log.info("%s: up to date (%s)", label, stage.key.key)
-            timings[label] = 0.0
-            continue
-        total = len(stage.units())
-        log.info("%s: %d of %d units to do (key %s)", label, len(pending), total, stage.key.key)
-        start = time.perf_counter()
-        progress = StageProgress(label, len(pending), enabled=show_progress)
-        try:
-            executor.run_stage(stage, pending, progress)
-        finally:
-            progress.close()
-        missing = stage.pending()
-        if missing:
-            raise RuntimeError(f"{label}: {len(missing)} units still missing after the stage "
-                               f"ran: {missing[:5]}")
-        timings[label] = round(time.perf_counter() - start, 2)
-        log.info("%s: %d units in %.1f s (%.2f units/s)", label, len(pending), timings[label],
-                 len(pending) / max(timings[label], 1e-9))
-    return write_report(plan, timings, damaged)

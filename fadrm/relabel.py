@@ -141,17 +141,31 @@ def make_views(
         raise ValueError(f"out_size must be > 0, got {out_size}")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
     n, bs = num_images, cfg.batch_size
-
     image_id = rng.permutation(n).astype(np.int32)
     rows = np.arange(n)
-    batch = (rows // bs).astype(np.int32)
-    pos = (rows % bs).astype(np.int32)
+    crop = _random_crops(rng, n, cfg.crop_scale)
+    flip = (rng.random(n) < 0.5) & cfg.flip
+    mix_partner, mix_lam, mix_box = _cutmix(rng, n, bs, cfg, out_size)
+    return Views(
+        epoch=np.full(n, epoch, dtype=np.int32),
+        batch=(rows // bs).astype(np.int32),
+        pos=(rows % bs).astype(np.int32),
+        image_id=image_id,
+        crop=crop,
+        flip=flip,
+        mix_partner=mix_partner,
+        mix_lam=mix_lam,
+        mix_box=mix_box,
+    )
 
-    # RandomResizedCrop on a square source, in fractions of the side: area fraction s and
-    # aspect ratio r give width sqrt(s * r) and height sqrt(s / r). The first of 10
-    # attempts that fits wins; otherwise the whole image (torchvision's fallback for a
-    # square image, whose ratio 1 lies inside the allowed range).
-    lo, hi = cfg.crop_scale
+
+def _random_crops(rng: np.random.Generator, n: int, scale: Sequence[float]) -> np.ndarray:
+    """RandomResizedCrop boxes (top, left, height, width) on a square source, as fractions
+    of the side: area fraction s and aspect ratio r give width sqrt(s r) and height
+    sqrt(s / r). The first of 10 attempts that fits wins; otherwise the whole image
+    (torchvision's fallback for a square image, whose ratio 1 lies inside the range)."""
+    rows = np.arange(n)
+    lo, hi = scale
     area = rng.uniform(lo, hi, size=(n, _CROP_ATTEMPTS))
     ratio = np.exp(rng.uniform(math.log(_RATIO[0]), math.log(_RATIO[1]), size=(n, _CROP_ATTEMPTS)))
     w_try, h_try = np.sqrt(area * ratio), np.sqrt(area / ratio)
@@ -162,10 +176,13 @@ def make_views(
     w = np.where(found, w_try[rows, first], 1.0)
     top = rng.uniform(0.0, 1.0, size=n) * (1.0 - h)
     left = rng.uniform(0.0, 1.0, size=n) * (1.0 - w)
-    crop = np.stack([top, left, h, w], axis=1).astype(np.float32)
+    return np.stack([top, left, h, w], axis=1).astype(np.float32)
 
-    flip = (rng.random(n) < 0.5) & cfg.flip
 
+def _cutmix(rng: np.random.Generator, n: int, bs: int, cfg: RelabelConfig,
+            out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per batch: lambda ~ Beta, a partner permutation and a box centre (drawn even when
+    CutMix is off, so the other draws do not move). Returns (partner, lam, box) per row."""
     mix_partner = np.full(n, -1, dtype=np.int32)
     mix_lam = np.ones(n, dtype=np.float32)
     mix_box = np.zeros((n, 4), dtype=np.int32)
@@ -189,18 +206,7 @@ def make_views(
         mix_partner[idx] = partner[mixed]
         mix_lam[idx] = 1.0 - box_area / float(out_size * out_size)
         mix_box[idx] = (y0, x0, y1, x1)
-
-    return Views(
-        epoch=np.full(n, epoch, dtype=np.int32),
-        batch=batch,
-        pos=pos,
-        image_id=image_id,
-        crop=crop,
-        flip=flip,
-        mix_partner=mix_partner,
-        mix_lam=mix_lam,
-        mix_box=mix_box,
-    )
+    return mix_partner, mix_lam, mix_box
 
 
 def apply_views(images: torch.Tensor, rows: Views, out_size: int) -> torch.Tensor:

@@ -54,15 +54,45 @@ def render_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
 
 def write_report(plan, timings: dict[str, float], repaired: list[dict] | None = None) -> dict:
     """Write the run's report under <output>/runs/<name>/ and return its metrics."""
-    from fadrm.pipeline import _stage_label, load_distilled
+    from fadrm.datasource import load_distilled
 
-    cfg = plan.cfg
-    run_dir = plan.run_dir
     ev = shards.read_json(plan.evaluate.unit_uri("student"))
+    metrics = _metrics(plan, ev, timings)
+    manifest = _manifest(plan, ev, metrics, timings, repaired or [])
     # The grid shows at most GRID_CLASSES classes x GRID_PER_CLASS images: read just those.
     shown = list(range(min(plan.num_classes, GRID_CLASSES)))
     images, labels = load_distilled(plan, shown, GRID_PER_CLASS)
+    grid = render_grid(images, labels, plan.classes, GRID_PER_CLASS, GRID_CLASSES)
+    run_dir = plan.run_dir
+    storage.write_bytes_atomic(storage.join(run_dir, "grid.png"), grid)
+    storage.write_bytes_atomic(storage.join(run_dir, "config.yaml"),
+                               yaml.safe_dump(config_to_dict(plan.cfg), sort_keys=False).encode())
+    storage.write_bytes_atomic(storage.join(run_dir, "metrics.json"),
+                               json.dumps(metrics, indent=2).encode())
+    # The manifest goes last: its presence means the report is complete.
+    storage.write_bytes_atomic(storage.join(run_dir, "manifest.json"),
+                               json.dumps(manifest, indent=2).encode())
+    return metrics
 
+
+def _metrics(plan, ev: dict, timings: dict[str, float]) -> dict:
+    """metrics.json: the headline numbers of the run."""
+    cfg = plan.cfg
+    return {
+        "name": cfg.name,
+        "method": cfg.recover.method,
+        "ipc": cfg.ipc,
+        "num_classes": plan.num_classes,
+        "num_images": plan.num_classes * cfg.ipc,
+        **{k: ev[k] for k in ("teacher_top1", "teachers_top1", "student_top1",
+                              "student_top1_best", "student_top5", "best_epoch",
+                              "val_images")},
+        "stage_seconds": timings,
+    }
+
+
+def _teachers(plan) -> list[dict]:
+    cfg = plan.cfg
     teachers = []
     for i, t in enumerate(cfg.teachers):
         uri = plan.teacher_uri(i)
@@ -71,48 +101,28 @@ def write_report(plan, timings: dict[str, float], repaired: list[dict] | None = 
         if uri is not None:
             entry["sha256"] = plan.teacher_sha256(i)
         teachers.append(entry)
+    return teachers
 
-    metrics = {
-        "name": cfg.name,
-        "method": cfg.recover.method,
-        "ipc": cfg.ipc,
-        "num_classes": plan.num_classes,
-        "num_images": plan.num_classes * cfg.ipc,
-        "teacher_top1": ev["teacher_top1"],
-        "teachers_top1": ev["teachers_top1"],
-        "student_top1": ev["student_top1"],
-        "student_top1_best": ev["student_top1_best"],
-        "student_top5": ev["student_top5"],
-        "best_epoch": ev["best_epoch"],
-        "val_images": ev["val_images"],
-        "stage_seconds": timings,
-    }
+
+def _manifest(plan, ev: dict, metrics: dict, timings: dict[str, float],
+              repaired: list[dict]) -> dict:
+    """manifest.json: config, fingerprints, stage keys, every shard, what was skipped."""
     outputs = []
     for stage in plan.stages:
         outputs += stage.outputs()
-    manifest = {
-        "name": cfg.name,
+    return {
+        "name": plan.cfg.name,
         "version": __version__,
         "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": config_to_dict(cfg),
+        "config": config_to_dict(plan.cfg),
         "fingerprints": plan.fingerprints(),
-        "teachers": teachers,
-        "stages": {_stage_label(s): {"key": s.key.key, "components": s.key.components,
-                                     "dir": s.dir} for s in plan.stages},
+        "teachers": _teachers(plan),
+        "stages": {s.label: {"key": s.key.key, "components": s.key.components, "dir": s.dir}
+                   for s in plan.stages},
         "shards": outputs,
         "skipped_inputs": ev["skipped_inputs"],
         "num_skipped_inputs": len(ev["skipped_inputs"]),
         "stage_seconds": timings,
-        "repaired_outputs": repaired or [],
+        "repaired_outputs": repaired,
         "metrics": metrics,
     }
-    grid = render_grid(images, labels, plan.classes, GRID_PER_CLASS, GRID_CLASSES)
-    storage.write_bytes_atomic(storage.join(run_dir, "grid.png"), grid)
-    storage.write_bytes_atomic(storage.join(run_dir, "config.yaml"),
-                               yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
-    storage.write_bytes_atomic(storage.join(run_dir, "metrics.json"),
-                               json.dumps(metrics, indent=2).encode())
-    # The manifest goes last: its presence means the report is complete.
-    storage.write_bytes_atomic(storage.join(run_dir, "manifest.json"),
-                               json.dumps(manifest, indent=2).encode())
-    return metrics

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -81,6 +82,28 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
                          align_corners=False)
 
 
+@dataclass
+class _Run:
+    """What every step of one teacher training needs."""
+
+    model: nn.Module
+    net: nn.Module
+    """``model``, or its DDP wrapper."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    images: torch.Tensor
+    labels: torch.Tensor
+    cfg: SqueezeConfig
+    data_cfg: DataConfig
+    device: torch.device
+    aug_gen: torch.Generator
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    world: int
+    step: int = 0
+
+
 def train_teacher(
     model: nn.Module,
     train: ImageSet,
@@ -99,6 +122,22 @@ def train_teacher(
     if len(train) == 0:
         raise ValueError("squeeze: the training set is empty")
     rank, world = dist_world()
+    run = _set_up(model, train, cfg, data_cfg, device, seed, rank, world)
+    # Same permutation on every rank (each takes its strided share); augmentation differs.
+    order_gen = torch.Generator().manual_seed(seed)
+    per_rank = len(train) // world
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(len(train), generator=order_gen)[rank::world][:per_rank]
+        _train_epoch(run, perm, epoch, progress)
+    model.to(memory_format=torch.contiguous_format).eval()
+    if len(val) == 0:
+        return math.nan
+    top1, _ = evaluate(model, val, data_cfg.mean, data_cfg.std, device,
+                       mixed_precision=cfg.mixed_precision)
+    return top1
+
+
+def _set_up(model, train, cfg, data_cfg, device, seed, rank, world) -> _Run:
     # channels_last: about 2x faster convolutions on CPU (4x with bf16) and the layout that
     # tensor cores want on CUDA. Undone at the end, so saved weights have the usual layout.
     model.to(device, memory_format=torch.channels_last).train()
@@ -107,57 +146,54 @@ def train_teacher(
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-
     local_batch = max(1, cfg.batch_size // world)
     # Every rank must run the same number of steps (DDP synchronises each one): use an
     # equal share of each epoch and drop the last partial batch.
-    per_rank = len(train) // world
-    steps_per_epoch = max(1, per_rank // local_batch)
+    steps_per_epoch = max(1, (len(train) // world) // local_batch)
     total = cfg.epochs * steps_per_epoch
-    warmup = max(1, min(steps_per_epoch, total // 10))
-
     optimizer = torch.optim.SGD(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
         nesterov=cfg.momentum > 0,
     )
-    scaler = grad_scaler(device, cfg.mixed_precision)
-    # Same permutation on every rank; augmentation differs per rank.
-    order_gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator().manual_seed(seed * 7919 + 1 + rank)
-
     images, labels = train.images, train.labels
     if device.type == "cuda" and images.numel() * images.element_size() <= _DEVICE_CACHE_BYTES:
         images, labels = images.to(device), labels.to(device)
+    return _Run(model, net, optimizer, grad_scaler(device, cfg.mixed_precision), images,
+                labels, cfg, data_cfg, device,
+                torch.Generator().manual_seed(seed * 7919 + 1 + rank), steps_per_epoch,
+                total, max(1, min(steps_per_epoch, total // 10)), world)
 
-    step = 0
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(len(train), generator=order_gen)[rank::world][:per_rank]
-        for i in range(steps_per_epoch):
-            idx = perm[i * local_batch : (i + 1) * local_batch].to(images.device)
-            x = normalize(images[idx].to(device, non_blocking=True), data_cfg.mean, data_cfg.std)
-            y = labels[idx].to(device, non_blocking=True)
-            x = augment_batch(x, aug_gen).contiguous(memory_format=torch.channels_last)
-            lr = lr_at(step, total, warmup, cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, cfg.mixed_precision):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            _check_finite(loss, epoch, cfg.epochs, i, steps_per_epoch, lr, world)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            if progress is not None:
-                progress(step, total)
 
-    model.to(memory_format=torch.contiguous_format).eval()
-    if len(val) == 0:
-        return math.nan
-    top1, _ = evaluate(model, val, data_cfg.mean, data_cfg.std, device,
-                       mixed_precision=cfg.mixed_precision)
-    return top1
+def _train_epoch(run: _Run, perm: torch.Tensor, epoch: int,
+                 progress: Callable[[int, int], None] | None) -> None:
+    local_batch = max(1, run.cfg.batch_size // run.world)
+    for i in range(run.steps_per_epoch):
+        idx = perm[i * local_batch : (i + 1) * local_batch].to(run.images.device)
+        _train_step(run, idx, epoch, i)
+        if progress is not None:
+            progress(run.step, run.total)
+
+
+def _train_step(run: _Run, idx: torch.Tensor, epoch: int, i: int) -> None:
+    """One SGD step on the batch ``idx``: normalise, augment on the device, forward in
+    mixed precision, label-smoothed CE, scaled backward."""
+    cfg, device = run.cfg, run.device
+    x = normalize(run.images[idx].to(device, non_blocking=True), run.data_cfg.mean,
+                  run.data_cfg.std)
+    y = run.labels[idx].to(device, non_blocking=True)
+    x = augment_batch(x, run.aug_gen).contiguous(memory_format=torch.channels_last)
+    lr = lr_at(run.step, run.total, run.warmup, cfg.lr)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device, cfg.mixed_precision):
+        logits = run.net(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    _check_finite(loss, epoch, cfg.epochs, i, run.steps_per_epoch, lr, run.world)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, epochs: int, step: int, steps: int,

@@ -333,6 +333,41 @@ def _check_finite(log: torch.Tensor, start: int, stop: int) -> None:
         )
 
 
+def _check_inputs(init: torch.Tensor, labels: torch.Tensor, mean: list[float],
+                  std: list[float]) -> None:
+    if init.dim() != 4 or labels.shape != (init.shape[0],):
+        raise ValueError(
+            f"recover: init must be [B, C, H, W] with one label each, got init "
+            f"{tuple(init.shape)} and labels {tuple(labels.shape)}"
+        )
+    if len(mean) != init.shape[1] or len(std) != init.shape[1]:
+        raise ValueError(
+            f"recover: init has {init.shape[1]} channels but mean/std have "
+            f"{len(mean)}/{len(std)} values"
+        )
+
+
+@dataclass
+class _Loop:
+    """The state one recover run carries from iteration to iteration."""
+
+    cfg: RecoverConfig
+    nets: list[nn.Module]
+    bn_losses: list[BNStatLoss]
+    labels: torch.Tensor
+    bounds: tuple[torch.Tensor, torch.Tensor]
+    generator: torch.Generator
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    total: int
+    log: torch.Tensor
+    """Every iteration's loss, kept on the device (checked for finiteness now and then,
+    so the loop does not wait for the device every iteration)."""
+    progress: Callable[[int, int], None] | None
+    step: int = 0
+    checked: int = 0
+
+
 def recover(
     init: torch.Tensor,
     labels: torch.Tensor,
@@ -357,16 +392,7 @@ def recover(
     on the CPU.
     """
     spec = cfg.spec
-    if init.dim() != 4 or labels.shape != (init.shape[0],):
-        raise ValueError(
-            f"recover: init must be [B, C, H, W] with one label each, got init "
-            f"{tuple(init.shape)} and labels {tuple(labels.shape)}"
-        )
-    if len(mean) != init.shape[1] or len(std) != init.shape[1]:
-        raise ValueError(
-            f"recover: init has {init.shape[1]} channels but mean/std have "
-            f"{len(mean)}/{len(std)} values"
-        )
+    _check_inputs(init, labels, mean, std)
     if not spec.optimize:
         return RecoverResult(images=init.detach().float().cpu().clone())
     if not teachers:
@@ -374,70 +400,84 @@ def recover(
 
     stages = _stages(cfg, image_size)
     total = sum(n for _, n in stages)
-    lower, upper = (b.to(device) for b in pixel_bounds(mean, std))
-    labels = labels.to(device, torch.long)
     source = (init if residual_source is None else residual_source).detach().to(device).float()
-    generator = torch.Generator().manual_seed(seed)
-    scaler = grad_scaler(device, spec.mixed_precision)
-    # Losses stay on the device; finiteness is checked at progress points so the loop does
-    # not wait for the device every iteration.
-    log = torch.zeros(total, device=device)
-    use_bn = cfg.r_bn > 0
     bn_losses = [BNStatLoss(t, cfg.first_bn_multiplier) for t in teachers]
-
     x = init.detach().to(device, torch.float32)
-    step = 0
-    checked = 0
     with _frozen(teachers), channels_last_models(teachers, cfg.channels_last), \
             contextlib.ExitStack() as hooks:
-        if use_bn:
+        if cfg.r_bn > 0:
             for bn in bn_losses:
                 hooks.enter_context(bn)
         # Compiled after the hooks are attached, so the compiled graphs include them.
         nets = [_compiled(t) for t in teachers] if cfg.compile else list(teachers)
+        loop = _Loop(cfg, nets, bn_losses, labels.to(device, torch.long),
+                     tuple(b.to(device) for b in pixel_bounds(mean, std)),
+                     torch.Generator().manual_seed(seed), grad_scaler(device, spec.mixed_precision),
+                     device, total, torch.zeros(total, device=device), progress)
         for stage, (resolution, iterations) in enumerate(stages):
-            x = resample(x.detach(), resolution).clone().requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
-            for _ in range(iterations):
-                for group in opt.param_groups:
-                    group["lr"] = cosine_lr(cfg.lr, step, total)
-                k = step % len(teachers)
-                view = augment(x, resolution, cfg.crop_scale, cfg.flip, cfg.jitter, generator)
-                view = to_layout(view, cfg.channels_last)
-                with autocast(device, spec.mixed_precision):
-                    logits = nets[k](view)
-                loss = F.cross_entropy(logits.float(), labels)
-                if use_bn and bn_losses[k].num_layers:
-                    loss = loss + cfg.r_bn * bn_losses[k].loss()
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                with torch.no_grad():
-                    x.clamp_(lower, upper)
-                log[step] = loss.detach()
-                step += 1
-                if step % _PROGRESS_EVERY == 0 or step == total:
-                    _check_finite(log, checked, step)
-                    checked = step
-                    if progress is not None:
-                        progress(step, total)
+            x = _run_stage(loop, x, resolution, iterations)
+            x = _residual_step(cfg, x, source, resolution, stage, len(stages), on_stage_end)
 
-            with torch.no_grad():
-                before = x.detach()
-                after = before
-                if spec.residual and stage < len(stages) - 1:
-                    after = cfg.alpha * before + (1 - cfg.alpha) * resample(source, resolution)
-                if on_stage_end is not None:
-                    on_stage_end(stage, before.clone(), after.clone())
-                x = after
-
-    _check_finite(log, checked, total)
+    _check_finite(loop.log, loop.checked, total)
     if progress is not None and total == 0:
         progress(0, 0)
     images = resample(x.detach(), image_size).float().cpu().clone()
     return RecoverResult(
         images=images,
-        losses=log.cpu().tolist(),
+        losses=loop.log.cpu().tolist(),
         stage_resolutions=[r for r, _ in stages],
     )
+
+
+def _run_stage(loop: _Loop, x: torch.Tensor, resolution: int, iterations: int) -> torch.Tensor:
+    """One MRO stage: x at ``resolution`` with a fresh Adam, ``iterations`` steps of the one
+    cosine schedule that spans all stages."""
+    cfg = loop.cfg
+    x = resample(x.detach(), resolution).clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
+    for _ in range(iterations):
+        _iteration(loop, x, opt, resolution)
+    return x
+
+
+def _iteration(loop: _Loop, x: torch.Tensor, opt: torch.optim.Optimizer,
+               resolution: int) -> None:
+    """One step: augment, teacher ``step mod K`` (FADRM+ round-robin), CE + BN loss,
+    Adam, clamp x to valid pixels."""
+    cfg = loop.cfg
+    for group in opt.param_groups:
+        group["lr"] = cosine_lr(cfg.lr, loop.step, loop.total)
+    k = loop.step % len(loop.nets)
+    view = augment(x, resolution, cfg.crop_scale, cfg.flip, cfg.jitter, loop.generator)
+    view = to_layout(view, cfg.channels_last)
+    with autocast(loop.device, cfg.spec.mixed_precision):
+        logits = loop.nets[k](view)
+    loss = F.cross_entropy(logits.float(), loop.labels)
+    if cfg.r_bn > 0 and loop.bn_losses[k].num_layers:
+        loss = loss + cfg.r_bn * loop.bn_losses[k].loss()
+    opt.zero_grad(set_to_none=True)
+    loop.scaler.scale(loss).backward()
+    loop.scaler.step(opt)
+    loop.scaler.update()
+    with torch.no_grad():
+        x.clamp_(*loop.bounds)
+    loop.log[loop.step] = loss.detach()
+    loop.step += 1
+    if loop.step % _PROGRESS_EVERY == 0 or loop.step == loop.total:
+        _check_finite(loop.log, loop.checked, loop.step)
+        loop.checked = loop.step
+        if loop.progress is not None:
+            loop.progress(loop.step, loop.total)
+
+
+@torch.no_grad()
+def _residual_step(cfg: RecoverConfig, x: torch.Tensor, source: torch.Tensor, resolution: int,
+                   stage: int, num_stages: int, on_stage_end: StageHook | None) -> torch.Tensor:
+    """ARC at an inner stage boundary: ``x <- alpha x + (1 - alpha) resample(P)``."""
+    before = x.detach()
+    after = before
+    if cfg.spec.residual and stage < num_stages - 1:
+        after = cfg.alpha * before + (1 - cfg.alpha) * resample(source, resolution)
+    if on_stage_end is not None:
+        on_stage_end(stage, before.clone(), after.clone())
+    return after

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -186,6 +187,48 @@ def _unwrap(exc: BaseException, label: str) -> BaseException:
     return exc
 
 
+def connect(address: str | None, threads: int, max_workers: int) -> None:
+    from ray_jobs.ray_logs import hide_known_noise
+
+    hide_known_noise()  # Ray Train's harmless PreemptionWatcher ERROR line, once per stage
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Embedded instance: enough CPUs for the worker range even on a small machine
+        # (workers are mostly single-threaded; oversubscribing 2 cores is fine).
+        cpus = max(os.cpu_count() or 1, threads * max_workers + 1)
+        # Ray's helpers (Ray Train's PlacementGroupCleaner, the state API) find "their"
+        # cluster by RAY_ADDRESS, else by scanning the machine, which fails with "Found
+        # multiple active Ray instances" while another run is going. So this instance gets
+        # a port chosen here, and its workers get RAY_ADDRESS naming it: two runs on one
+        # machine share nothing.
+        port = _free_port()
+        gcs_address = f"127.0.0.1:{port}"
+        saved = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            # The dashboard serves Ray's state API, which Ray Train uses to clean up after
+            # its controller; it listens on 127.0.0.1 only and Ray's token auth stays on.
+            ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1",
+                     runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}},
+                     log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class RayTrainExecutor:
     """Runs each stage with a Ray Train ``TorchTrainer`` on the connected Ray cluster."""
 
@@ -201,8 +244,6 @@ class RayTrainExecutor:
         return ray.cluster_resources().get("GPU", 0) > 0
 
     def run_stage(self, stage: Stage, pending: list[str], progress: StageProgress) -> None:
-        from ray_jobs.distill import connect
-
         # Connect only when there is work: an up-to-date re-run never starts Ray.
         connect(self.exe.address, self.exe.threads_per_worker, self.exe.max_workers)
         if self.exe.use_gpu and not self.exe.address and not os.environ.get("RAY_ADDRESS") \
@@ -250,9 +291,7 @@ class RayTrainExecutor:
              resources: dict) -> None:
         """``trainer.fit()`` in a thread; this thread shows progress, reports (and bounds)
         waiting for workers, and turns Ctrl-C into a prompt stop."""
-        from fadrm.pipeline import _stage_label
-
-        label = _stage_label(stage)
+        label = stage.label
         outcome: dict[str, BaseException] = {}
 
         def fit() -> None:

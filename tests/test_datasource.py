@@ -17,7 +17,8 @@ from fadrm import data as fdata
 from fadrm.config import load_config
 from fadrm.datasource import DataSource, list_data
 from fadrm.models import create_model
-from fadrm.pipeline import LocalExecutor, RunPlan, WorkerContext, run_pipeline
+from fadrm.pipeline import LocalExecutor, RunPlan, WorkerContext
+from fadrm.runner import run_pipeline
 
 
 def _tree(root: Path, num_classes: int, per_class: int, size: int = 12) -> Path:

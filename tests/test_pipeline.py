@@ -8,7 +8,8 @@ import pytest
 
 from fadrm import shards
 from fadrm.config import load_config
-from fadrm.pipeline import LocalExecutor, RunPlan, run_pipeline
+from fadrm.pipeline import LocalExecutor, RunPlan
+from fadrm.runner import run_pipeline
 from tests.conftest import tiny_run_config
 
 REQUIRED_METRICS = {"method", "ipc", "teacher_top1", "student_top1", "student_top1_best",
@@ -204,7 +205,7 @@ def test_hard_label_baseline_runs_without_teacher_logits(tmp_path, fmnist_root):
 
 def test_report_reads_only_the_images_it_draws(finished_run, monkeypatch):
     from fadrm import report
-    from fadrm.pipeline import load_distilled
+    from fadrm.datasource import load_distilled
 
     cfg, metrics, _ = finished_run
     plan = RunPlan(cfg)

@@ -1,0 +1,139 @@
+"""Running a config: preflight, the stages that are not complete, the report.
+
+The one place that turns a config into work, for every entrypoint (``fadrm run`` / ``demo``,
+``python -m ray_jobs.distill``, the GPU check). *Where* units run is the executor's
+business: ``local`` (every unit in this process, :class:`fadrm.pipeline.LocalExecutor`) is
+built in; others (``ray``: Ray Train, in ``ray_jobs``) are found through the
+``fadrm.executors`` entry point group, so the library never imports its Ray layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from fadrm import shards, storage
+from fadrm.config import RunConfig
+from fadrm.errors import InputError, MissingDependencyError
+from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
+from fadrm.preflight import preflight
+from fadrm.report import write_report
+
+__all__ = ["EXECUTORS", "create_executor", "run_config", "run_pipeline", "repair_outputs",
+           "print_summary"]
+
+log = logging.getLogger("fadrm.pipeline")
+
+EXECUTORS = ("ray", "local")
+_ENTRY_POINTS = "fadrm.executors"
+
+
+def create_executor(cfg: RunConfig, name: str = "ray") -> Any:
+    """The executor called ``name``: 'local' (every unit in this process, on
+    ``execution.device``; needs no Ray) or one registered under the ``fadrm.executors``
+    entry points ('ray': Ray Train on an embedded or remote Ray cluster)."""
+    if name == "local":
+        return LocalExecutor(cfg.execution.device)
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=_ENTRY_POINTS)}
+    if name not in found:
+        raise InputError(f"--executor: unknown executor {name!r}; installed: "
+                         f"{sorted(['local', *found])}")
+    try:
+        factory = found[name].load()
+    except ImportError as exc:
+        raise MissingDependencyError(
+            exc.name or "ray", f"the {name!r} executor (the default of `fadrm run`)",
+            "pip install 'ray[train]'; or run in this process with --executor local"
+        ) from exc
+    return factory(cfg)
+
+
+def run_config(cfg: RunConfig, executor: str = "ray", show_progress: bool = True) -> dict:
+    """Run every stage of ``cfg`` that is not complete; returns the run's metrics."""
+    return run_pipeline(cfg, create_executor(cfg, executor), show_progress=show_progress)
+
+
+def print_summary(cfg: RunConfig, metrics: dict, file=None) -> None:
+    """The run's result in a few lines (what every entrypoint prints at the end)."""
+    file = file or sys.stdout
+    run_dir = storage.join(cfg.output, "runs", cfg.name)
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in metrics["stage_seconds"].items())
+    print(f"\n== {cfg.name}: {metrics['method']} IPC{metrics['ipc']} "
+          f"({metrics['num_images']} images, {metrics['num_classes']} classes) ==", file=file)
+    print(f"  teacher top-1        {metrics['teacher_top1']:6.2f} %", file=file)
+    print(f"  student top-1 final  {metrics['student_top1']:6.2f} %   "
+          f"(best {metrics['student_top1_best']:.2f} % at epoch {metrics['best_epoch']}; "
+          f"top-5 {metrics['student_top5']:.2f} %)", file=file)
+    print(f"  stage seconds        {stages}", file=file)
+    print(f"  report               {run_dir}/ (metrics.json, manifest.json, grid.png)",
+          file=file)
+
+
+def repair_outputs(plan: RunPlan, full: bool = True) -> list[dict]:
+    """Find complete outputs whose bytes do not match their checksum; discard them.
+
+    Their units become pending again and are regenerated; since a unit's bytes depend only
+    on its id, the regenerated shard equals the lost one and nothing downstream changes.
+    """
+    damaged = []
+    for stage in plan.stages:
+        for unit in stage.units():
+            uri = stage.unit_uri(unit)
+            if not shards.is_complete(uri):
+                continue
+            problem = shards.check(uri, full=full)
+            if problem:
+                log.warning("%s: damaged output %s (%s); regenerating it",
+                            stage.label, uri, problem)
+                shards.discard(uri)
+                damaged.append({"stage": stage.label, "uri": uri, "problem": problem})
+    return damaged
+
+
+def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> dict:
+    """Run every stage that is not complete, then write the run report. Returns metrics.
+
+    The inputs are checked first (:func:`fadrm.preflight.preflight`: output writable, data,
+    teachers), so bad input fails in seconds, before any stage. When every stage is already
+    complete and the run's report matches the current stage keys, nothing is computed or
+    rewritten: the previous metrics are returned ("up to date").
+    """
+    plan = preflight(cfg).plan
+    if any(s.pending() for s in plan.stages):
+        plan.source.write_index(cfg.output)  # workers read it instead of listing again
+    damaged = repair_outputs(plan, full=cfg.execution.verify_outputs)
+    todo = {s.label: s.pending() for s in plan.stages}
+    if not damaged and not any(todo.values()):
+        previous = plan.previous_manifest()
+        keys = {s.label: s.key.key for s in plan.stages}
+        if previous and {k: v["key"] for k, v in previous["stages"].items()} == keys:
+            log.info("%s: up to date, nothing to do (report: %s)", cfg.name, plan.run_dir)
+            return shards.read_json(storage.join(plan.run_dir, "metrics.json"))
+    timings: dict[str, float] = {}
+    for stage in plan.stages:
+        label = stage.label
+        pending = stage.pending()
+        if not pending:
+            log.info("%s: up to date (%s)", label, stage.key.key)
+            timings[label] = 0.0
+            continue
+        total = len(stage.units())
+        log.info("%s: %d of %d units to do (key %s)", label, len(pending), total, stage.key.key)
+        start = time.perf_counter()
+        progress = StageProgress(label, len(pending), enabled=show_progress)
+        try:
+            executor.run_stage(stage, pending, progress)
+        finally:
+            progress.close()
+        missing = stage.pending()
+        if missing:
+            raise RuntimeError(f"{label}: {len(missing)} units still missing after the stage "
+                               f"ran: {missing[:5]}")
+        timings[label] = round(time.perf_counter() - start, 2)
+        log.info("%s: %d units in %.1f s (%.2f units/s)", label, len(pending), timings[label],
+                 len(pending) / max(timings[label], 1e-9))
+    return write_report(plan, timings, damaged)

@@ -1,0 +1,77 @@
+"""`python -m benchmarks.gpu_check` where there is no CUDA: the CPU half, one JSON, exit 0.
+
+The script runs as on a stock GPU image without Ray: ray, boto3, botocore, kubernetes and moto
+are made unimportable before it starts (and its own Ray-free child blocks them again).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_check import BLOCKED_MODULES, SCHEMA, arch_support
+
+REPO = Path(__file__).resolve().parent.parent
+BLOCKED_RUN = (
+    "import runpy, sys\n"
+    f"for name in {BLOCKED_MODULES!r}:\n"
+    "    sys.modules[name] = None\n"
+    "sys.argv = ['benchmarks.gpu_check', *sys.argv[1:]]\n"
+    "runpy.run_module('benchmarks.gpu_check', run_name='__main__')\n"
+)
+
+
+def run_gpu_check(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", BLOCKED_RUN, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cpu_half_passes_without_cuda_and_without_ray(tmp_path):
+    out = tmp_path / "gpu-check-out"
+    proc = run_gpu_check("--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CUDA not available on this machine" in proc.stdout
+
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["schema"] == SCHEMA
+    assert report["cuda_available"] is False and report["device"] is None
+    assert report["ok"] is True and report["exit_code"] == 0 and report["failures"] == []
+    parts = report["parts"]
+    ray_free = parts["cpu.ray_free_run"]
+    assert ray_free["status"] == "passed", ray_free["error"]
+    assert ray_free["result"]["exit_code"] == 0 and ray_free["result"]["failed_imports"] == {}
+    assert "fadrm.pipeline" in ray_free["result"]["modules"]
+    assert parts["check.cuda_device_without_gpu_fails"]["status"] == "passed"
+    skipped = {n for n, p in parts.items() if p["status"] == "skipped"}
+    assert {"check.recover_step_matches_cpu", "check.nccl_ddp", "pipeline.local_executor",
+            "speed.recover"} <= skipped
+    assert all(parts[n]["reason"].startswith("no CUDA GPU") for n in skipped)
+    assert (out / "gpu_check.log").read_text().count("cpu.ray_free_run") >= 1
+
+
+def test_watchdog_leaves_a_valid_report_and_fails(tmp_path):
+    out = tmp_path / "gpu-check-out"
+    proc = run_gpu_check("--out", str(out), "--max-seconds", "0.5", timeout=120)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["ok"] is False and "timed out" in report["message"]
+
+
+@pytest.mark.parametrize("capability, arch_list, supported", [
+    ((9, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], True),  # H100/H200
+    ((8, 9), ["sm_75", "sm_80", "sm_86", "sm_90"], True),  # RTX 4090 runs sm_86 kernels
+    ((12, 1), ["sm_80", "sm_90", "sm_120"], True),  # same major, newer minor
+    ((7, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], False),  # V100
+    ((10, 3), ["sm_90", "sm_100a"], False),  # arch-specific kernels run on exactly 10.0
+    ((10, 0), ["sm_90a", "compute_90"], True),  # PTX, compiled at start-up
+    ((8, 0), ["sm_90", "compute_90"], False),  # PTX only runs on newer GPUs
+])
+def test_arch_support(capability, arch_list, supported):
+    ok, reason = arch_support(capability, arch_list)
+    assert ok is supported, reason
+    if not ok:
+        assert f"sm_{capability[0]}{capability[1]}" in reason and arch_list[0] in reason
