@@ -302,6 +302,10 @@ class RelabelConfig:
     cutmix_beta: float = 1.0
     teacher_bn_mode: str = "train"
     """'train' (batch statistics, as the reference) or 'eval' (running statistics)."""
+    bn_splits: int = 2
+    """With teacher_bn_mode 'train': each stored batch is labelled in this many contiguous
+    parts, whose size is the teachers' BN batch (the reference: 2 halves, e.g. 16 -> 2 x 8).
+    1 labels the whole batch at once. No effect in 'eval' mode."""
     top_k: int = 0
     """Store only the k largest logits (plus the mean of the rest); 0 -> all logits."""
     label_mode: str = "soft"
@@ -319,6 +323,7 @@ class RelabelConfig:
         _positive(self.cutmix_beta, f"{p}.cutmix_beta")
         if self.teacher_bn_mode not in ("train", "eval"):
             raise ConfigError(f"{p}.teacher_bn_mode", "must be 'train' or 'eval'")
+        _positive(self.bn_splits, f"{p}.bn_splits")
         if self.top_k < 0:
             raise ConfigError(f"{p}.top_k", "must be >= 0 (0 keeps all logits)")
         if self.label_mode not in ("soft", "hard"):

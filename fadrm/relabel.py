@@ -549,8 +549,7 @@ def _relabel_loop(teachers, images, mean, std, cfg, epochs, seed, device, weight
         logits = []
         for b, rows in enumerate(views.batches()):
             x = view_batch(images, rows, mean, std, out_size, device)
-            out = ensemble_logits(teachers, x, cfg.teacher_bn_mode, weights, device,
-                                  mixed_precision)
+            out = _label_batch(teachers, x, cfg, weights, device, mixed_precision)
             if not torch.isfinite(out).all():
                 raise RuntimeError(f"relabel: non-finite teacher logits at epoch {epoch}, "
                                    f"batch {b}")
@@ -566,6 +565,16 @@ def _relabel_loop(teachers, images, mean, std, cfg, epochs, seed, device, weight
     if schema is None:
         raise ValueError("relabel_epochs needs at least one epoch")
     return pa.concat_tables(tables)
+
+
+def _label_batch(teachers, x: torch.Tensor, cfg: RelabelConfig, weights, device,
+                 mixed_precision: bool) -> torch.Tensor:
+    """Ensemble logits of one rendered batch; with BN in train mode, in ``cfg.bn_splits``
+    contiguous parts (each part's own batch statistics, as the reference labels halves)."""
+    splits = cfg.bn_splits if cfg.teacher_bn_mode == "train" else 1
+    parts = [p for p in torch.tensor_split(x, min(splits, len(x))) if len(p)]
+    return torch.cat([ensemble_logits(teachers, p, cfg.teacher_bn_mode, weights, device,
+                                      mixed_precision) for p in parts])
 
 
 # --------------------------------------------------------------------------- reading

@@ -7,7 +7,8 @@ Loss per iteration::
 
 over the inputs of every BatchNorm2d layer. Around it: multi-resolution stages (MRO) with a
 fresh Adam per stage under one cosine schedule, the adjustable residual connection (ARC)
-``x <- alpha x + (1 - alpha) resample(P)`` at inner stage boundaries, mixed precision (MPT),
+``x <- alpha resample(x) + (1 - alpha) resample(P)`` at inner stage boundaries (both at the
+next stage's resolution, P straight from full resolution), mixed precision (MPT),
 and round-robin teachers (FADRM+). Baselines are the same loop with other
 :class:`~fadrm.config.MethodSpec` flags.
 """
@@ -416,7 +417,8 @@ def recover(
                      device, total, torch.zeros(total, device=device), progress)
         for stage, (resolution, iterations) in enumerate(stages):
             x = _run_stage(loop, x, resolution, iterations)
-            x = _residual_step(cfg, x, source, resolution, stage, len(stages), on_stage_end)
+            following = stages[stage + 1][0] if stage + 1 < len(stages) else None
+            x = _residual_step(cfg, x, source, following, stage, on_stage_end)
 
     _check_finite(loop.log, loop.checked, total)
     if progress is not None and total == 0:
@@ -471,13 +473,17 @@ def _iteration(loop: _Loop, x: torch.Tensor, opt: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def _residual_step(cfg: RecoverConfig, x: torch.Tensor, source: torch.Tensor, resolution: int,
-                   stage: int, num_stages: int, on_stage_end: StageHook | None) -> torch.Tensor:
-    """ARC at an inner stage boundary: ``x <- alpha x + (1 - alpha) resample(P)``."""
+def _residual_step(cfg: RecoverConfig, x: torch.Tensor, source: torch.Tensor,
+                   following: int | None, stage: int,
+                   on_stage_end: StageHook | None) -> torch.Tensor:
+    """ARC at an inner stage boundary, in the reference's order: x is resized to the next
+    stage's resolution first, then ``x <- alpha x + (1 - alpha) resample(P)`` with P resized
+    straight from full resolution (so P never passes through a smaller stage)."""
     before = x.detach()
     after = before
-    if cfg.spec.residual and stage < num_stages - 1:
-        after = cfg.alpha * before + (1 - cfg.alpha) * resample(source, resolution)
+    if cfg.spec.residual and following is not None:
+        after = (cfg.alpha * resample(before, following)
+                 + (1 - cfg.alpha) * resample(source, following))
     if on_stage_end is not None:
         on_stage_end(stage, before.clone(), after.clone())
     return after

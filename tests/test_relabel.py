@@ -397,3 +397,28 @@ def test_labels_do_not_depend_on_the_unit_size():
                                              device=torch.device("cpu")) for e in range(3)])
     assert whole.num_rows == 36
     assert whole.equals(parts)
+
+
+def test_train_mode_bn_batch_is_half_the_stored_batch():
+    """The reference labels each stored batch as two halves with BN in train mode: each
+    half's logits equal labelling that half alone, and differ from the whole batch's."""
+    from fadrm.config import RelabelConfig
+    from fadrm.relabel import _label_batch, ensemble_logits
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                  torch.nn.Linear(4, 5))
+    x = torch.randn(16, 3, 8, 8)
+    cpu = torch.device("cpu")
+    halves = _label_batch([teacher], x, RelabelConfig(batch_size=16), None, cpu, False)
+    first = ensemble_logits([teacher], x[:8], "train", None, cpu, False)
+    second = ensemble_logits([teacher], x[8:], "train", None, cpu, False)
+    assert torch.equal(halves, torch.cat([first, second]))
+    whole = _label_batch([teacher], x, RelabelConfig(batch_size=16, bn_splits=1), None, cpu,
+                         False)
+    assert not torch.allclose(whole, halves, atol=1e-4)
+    # Running statistics: no split, the same logits either way.
+    evals = [_label_batch([teacher], x, RelabelConfig(teacher_bn_mode="eval", bn_splits=k),
+                          None, cpu, False) for k in (1, 2)]
+    assert torch.equal(evals[0], evals[1])

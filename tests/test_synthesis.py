@@ -225,14 +225,19 @@ def test_arc_with_zero_iterations_is_exact():
     res = recover(init, torch.arange(4), [tiny_teacher()], cfg, MEAN, STD, 16, 0, CPU,
                   residual_source=source, on_stage_end=hook)
     a = cfg.alpha
-    after0 = a * init + (1 - a) * source
-    before1 = resample(after0, 12)
-    after1 = a * before1 + (1 - a) * resample(source, 12)
-    final = resample(after1, 16)
+    # The reference's order: x to the next resolution first, then mix in P resized straight
+    # from full resolution (P never passes through the 12 px stage on its way to 16 px).
+    after0 = a * resample(init, 12) + (1 - a) * resample(source, 12)
+    before1 = after0
+    after1 = a * resample(before1, 16) + (1 - a) * source
+    final = after1
     assert [c[0] for c in calls] == [0, 1, 2]
     assert torch.allclose(calls[0][2], after0, atol=1e-6)
     assert torch.allclose(calls[1][1], before1, atol=1e-6)
     assert torch.allclose(calls[1][2], after1, atol=1e-6)
+    # Today's order would have mixed at 12 px and upsampled: P loses detail that way.
+    old_order = resample(a * before1 + (1 - a) * resample(source, 12), 16)
+    assert not torch.allclose(after1, old_order, atol=1e-3)
     assert torch.equal(calls[2][1], calls[2][2])  # no residual after the last stage
     assert torch.allclose(res.images, final, atol=1e-6)
     assert res.stage_resolutions == [16, 12, 16] and res.losses == []
@@ -247,10 +252,10 @@ def test_arc_and_mro_with_optimisation():
     assert res.stage_resolutions == [16, 12, 16]
     assert len(res.losses) == 9
     assert [tuple(c[1].shape[-2:]) for c in calls] == [(16, 16), (12, 12), (16, 16)]
-    for stage, res_px in ((0, 16), (1, 12)):
+    for stage, res_px, next_px in ((0, 16, 12), (1, 12, 16)):
         _, before, after = calls[stage]
         assert not torch.allclose(before, resample(init, res_px))  # x was optimised
-        expected = 0.5 * before + 0.5 * resample(init, res_px)
+        expected = 0.5 * resample(before, next_px) + 0.5 * resample(init, next_px)
         assert torch.allclose(after, expected, atol=1e-6)
     assert torch.equal(calls[2][1], calls[2][2])
     assert torch.equal(res.images, calls[2][2])  # last stage is at the data resolution
