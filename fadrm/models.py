@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import difflib
 import io
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -187,7 +189,7 @@ def _tv_create(name: str, num_classes: int, in_chans: int, image_size: int,
 
     if pretrained:
         # Pretrained heads have the hub's class count: load them, then replace the head.
-        model = tvm.get_model(name, weights="DEFAULT")
+        model = tvm.get_model(name, weights=_tv_weights(name))
         head_name, head = _last_of(model, nn.Linear, name)
         if head.out_features != num_classes:
             _set_submodule(model, head_name, nn.Linear(head.in_features, num_classes))
@@ -208,6 +210,16 @@ def _tv_create(name: str, num_classes: int, in_chans: int, image_size: int,
                 new.bias.copy_(conv.bias)
         _set_submodule(model, conv_name, new)
     return model
+
+
+def _tv_weights(name: str):
+    """The torchvision weights ``pretrained: true`` means: IMAGENET1K_V1 where it exists (what
+    the paper's code loads with ``pretrained=True``; DEFAULT is V2 for some models), else
+    the model's DEFAULT."""
+    import torchvision.models as tvm
+
+    enum = tvm.get_model_weights(name)
+    return enum.__members__.get("IMAGENET1K_V1", enum.DEFAULT)
 
 
 _SOURCES: dict[str, _Source] = {
@@ -427,7 +439,24 @@ def _parse_state(data: bytes, uri: str, label: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise WeightsError(f"{uri}: not a state_dict (got {type(obj).__name__}) for model "
                            f"{label}")
-    return {_strip(k): v for k, v in obj.items()}
+    return _modern_keys({_strip(k): v for k, v in obj.items()})
+
+
+# torchvision's DenseNet once named its dense-layer modules "norm.1", "conv.2", ...; the
+# current ones are "norm1", "conv2". Old checkpoints (the paper's era) still use the former.
+_LEGACY_DENSENET = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|"
+    r"running_var|num_batches_tracked))$")
+
+
+def _modern_keys(state: dict) -> dict:
+    if not any(_LEGACY_DENSENET.match(k) for k in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        m = _LEGACY_DENSENET.match(key)
+        out[m.group(1) + m.group(2) if m else key] = value
+    return out
 
 
 def check_weights_fit(model: nn.Module, data: bytes, uri: str) -> None:
@@ -517,7 +546,7 @@ def pretrained_file(name: str) -> PretrainedFile | None:
     if src == "torchvision":
         import torchvision.models as tvm
 
-        url = tvm.get_model_weights(bare).DEFAULT.url
+        url = _tv_weights(bare).url
         return PretrainedFile(name, url, os.path.join(hub_checkpoints, os.path.basename(url)))
     if src != "timm":
         return None
@@ -569,6 +598,9 @@ def _file_sha256(path: str) -> str:
     return _DIGESTS[key]
 
 
+_HUB_HASH = re.compile(r"-([0-9a-f]{8,})\.pth$")
+
+
 def pretrained_fingerprint(name: str) -> str:
     """The fingerprint of ``name``'s pretrained weights: the cached file's own sha256, so a
     library upgrade (or a replaced file) that changes the weights changes every stage key
@@ -580,7 +612,14 @@ def pretrained_fingerprint(name: str) -> str:
         source = None
     if source is None or not source.cached:
         return f"pretrained:{name}"
-    return f"pretrained:{name}:sha256:{_file_sha256(source.path)}"
+    digest = _file_sha256(source.path)
+    pinned = _HUB_HASH.search(os.path.basename(source.url))
+    if pinned and not digest.startswith(pinned.group(1)):
+        # torch hub's convention: the file name carries its sha256's first hex digits.
+        raise WeightsError(f"{source.path}: sha256 {digest[:12]}... does not start with "
+                           f"{pinned.group(1)}, the hash its name pins ({source.url}); the "
+                           f"file is damaged or not {name}'s weights: fetch it again")
+    return f"pretrained:{name}:sha256:{digest}"
 
 
 def weights_cache_dir() -> str:

@@ -85,15 +85,53 @@ def test_url_weights_are_checked_against_their_pin(tmp_path, served, capsys, mon
     assert plan.teacher_bytes(0) == (tmp_path / "cache" / "weights" / f"{digest}.pt").read_bytes()
 
 
+def _fake_hub_file(cache: Path, repo: str, content: bytes) -> Path:
+    """A Hugging Face Hub cache entry as huggingface_hub lays it out (refs -> snapshot)."""
+    base = cache / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text("0" * 40)
+    snapshot = base / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / "model.safetensors").write_bytes(content)
+    return snapshot / "model.safetensors"
+
+
 def test_changed_pretrained_file_makes_its_stages_stale(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    weights = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    weights.parent.mkdir(parents=True)
-    weights.write_bytes(b"release 1")
-    cfg = load_config(_config(tmp_path, {"model": "torchvision:resnet18", "pretrained": True}))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    weights = _fake_hub_file(tmp_path / "hub", "timm/resnet18.a1_in1k", b"release 1")
+    cfg = load_config(_config(tmp_path, {"model": "timm:resnet18", "pretrained": True}))
     before = RunPlan(cfg)
     assert before._teacher_fp[0].endswith(hashlib.sha256(b"release 1").hexdigest())
     weights.write_bytes(b"release 2, same name")
     after = RunPlan(cfg)
     for stage in ("select", "recover", "relabel", "evaluate"):
         assert getattr(after, stage).key.key != getattr(before, stage).key.key, stage
+
+
+def test_torchvision_file_must_match_the_hash_its_name_pins(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"not resnet18's weights")
+    cfg = _config(tmp_path, {"model": "torchvision:resnet18", "pretrained": True})
+    assert main(["status", str(cfg)]) == 2
+    assert "does not start with f37072fd" in capsys.readouterr().err
+
+
+def test_legacy_densenet_checkpoint_loads(tmp_path):
+    import re
+
+    from fadrm.models import load_weights
+
+    model = create_model("torchvision:densenet121", 10, image_size=64)
+    state = model.state_dict()
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)\.", r"\1.\2.", k): v
+              for k, v in state.items()}
+    assert legacy.keys() != state.keys()  # the old torchvision names ("norm.1", ...)
+    torch.save(legacy, tmp_path / "legacy.pt")
+    fresh = create_model("torchvision:densenet121", 10, image_size=64)
+    load_weights(fresh, str(tmp_path / "legacy.pt"))
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
