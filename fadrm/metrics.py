@@ -19,6 +19,23 @@ def evaluate(
     mixed_precision: bool = True,
 ) -> tuple[float, float]:
     """(top-1, top-5) accuracy in percent; the model is put in eval mode and restored."""
+    correct1, correct5, n = correct_counts(model, data, mean, std, device, batch_size,
+                                           mixed_precision)
+    n = max(n, 1)
+    return 100.0 * correct1 / n, 100.0 * correct5 / n
+
+
+@torch.no_grad()
+def correct_counts(
+    model: torch.nn.Module,
+    data: ImageSet,
+    mean: list[float],
+    std: list[float],
+    device: torch.device,
+    batch_size: int = 512,
+    mixed_precision: bool = True,
+) -> tuple[int, int, int]:
+    """(top-1 correct, top-5 correct, images): counts, so shards of a set can be summed."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = 0
@@ -33,5 +50,4 @@ def evaluate(
         correct1 += (topk[:, 0] == y).sum().item()
         correct5 += (topk == y[:, None]).any(dim=1).sum().item()
     model.train(was_training)
-    n = max(len(data), 1)
-    return 100.0 * correct1 / n, 100.0 * correct5 / n
+    return int(correct1), int(correct5), len(data)
