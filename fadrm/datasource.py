@@ -164,13 +164,20 @@ class DataSource:
             self._memory = fdata.load_data(self.cfg)
         return self._memory
 
-    def split(self, name: str) -> ImageSet:
-        """Every readable image of split ``name`` ('train' or 'val'), decoded."""
+    def split(self, name: str, shard: tuple[int, int] = (0, 1)) -> ImageSet:
+        """Every readable image of split ``name`` ('train' or 'val'), decoded; with
+        ``shard=(rank, world)`` only the rank's strided share (items rank, rank + world...)."""
         if name not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {name!r}")
+        rank, world = shard
         if self.cfg.kind != "imagefolder":
-            return self._in_memory()[_SPLITS.index(name)]
-        files = self.listing.files[name]
+            whole = self._in_memory()[_SPLITS.index(name)]
+            if world == 1:
+                return whole
+            share = torch.arange(rank, len(whole), world)
+            return ImageSet(whole.images[share], whole.labels[share], whole.classes,
+                            whole.skipped if rank == 0 else [])
+        files = self.listing.files[name][rank::world]
         images, skipped = self._decode(files)
         bad = {s["path"] for s in skipped}
         labels = torch.tensor([f.label for f in files if f.uri not in bad], dtype=torch.long)

@@ -111,8 +111,12 @@ def train_student(
     device: torch.device,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    val_is_shard: bool = False,
 ) -> dict:
     """Train ``model`` on uint8 ``images [N, C, H, W]`` with the stored views and soft labels.
+
+    ``val_is_shard``: each rank holds only its share of the validation set (the counts are
+    summed over ranks); otherwise every rank holds all of it and evaluates its share.
 
     ``labels_for_epoch(e)`` returns a soft-label table holding (at least) epoch ``e``.
     Returns the final-epoch top-1/top-5 (the headline), the best evaluated top-1 and its
@@ -135,7 +139,7 @@ def train_student(
         last = epoch == num_epochs - 1
         if last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0):
             eval_start = time.perf_counter()
-            top1, top5 = _evaluate_sharded(run, val)
+            top1, top5 = _evaluate_sharded(run, val, val_is_shard)
             eval_seconds += time.perf_counter() - eval_start
             entry.update(top1=top1, top5=top5)
             if top1 > best_top1:
@@ -157,14 +161,16 @@ def train_student(
     }
 
 
-def _evaluate_sharded(run: _Run, val: ImageSet) -> tuple[float, float]:
+def _evaluate_sharded(run: _Run, val: ImageSet, is_shard: bool = False) -> tuple[float, float]:
     """Top-1 / top-5 on ``val``: each rank evaluates its strided share, counts are summed
     over the ranks (exact; the same numbers as one rank evaluating everything)."""
     if run.world == 1:
         return evaluate(run.model, val, run.mean, run.std, run.device,
                         run.cfg.eval_batch_size, run.cfg.mixed_precision)
-    share = torch.arange(run.rank, len(val), run.world)
-    part = ImageSet(val.images[share], val.labels[share], val.classes)
+    part = val
+    if not is_shard:
+        share = torch.arange(run.rank, len(val), run.world)
+        part = ImageSet(val.images[share], val.labels[share], val.classes)
     counts = torch.tensor(correct_counts(run.model, part, run.mean, run.std, run.device,
                                          run.cfg.eval_batch_size, run.cfg.mixed_precision),
                           dtype=torch.float64)
