@@ -29,7 +29,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("execution.device is 'cuda' but no CUDA device is available")
+        from fadrm.errors import DeviceError
+
+        raise DeviceError("execution.device is 'cuda' but no CUDA device is available; set "
+                          "execution.device: auto or cpu, or run on a GPU node")
     return torch.device(name)
 
 

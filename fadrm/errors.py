@@ -9,7 +9,7 @@ Ray Train restart the worker group. Every other exception is a failure of the ru
 
 from __future__ import annotations
 
-__all__ = ["InputError", "MissingDependencyError", "EXIT_OK", "EXIT_WORK_TO_DO",
+__all__ = ["InputError", "DeviceError", "MissingDependencyError", "EXIT_OK", "EXIT_WORK_TO_DO",
            "EXIT_BAD_INPUT", "EXIT_RUN_FAILED"]
 
 # Exit codes of every `fadrm` command and of `python -m ray_jobs.distill` (README "Exit codes").
@@ -25,6 +25,10 @@ EXIT_RUN_FAILED = 3
 
 class InputError(ValueError):
     """Bad user input; the message names the key path, file or class, and the fix."""
+
+
+class DeviceError(InputError, RuntimeError):
+    """The configured device is not there (e.g. ``execution.device: cuda`` without a GPU)."""
 
 
 class MissingDependencyError(InputError, ImportError):

@@ -11,7 +11,8 @@ import pkgutil
 import yaml
 
 import fadrm
-from benchmarks.gpu_check import BLOCKED_MODULES, make_image_folder, ray_free_run, tiny_cpu_config
+from benchmarks.gpu_check import (BLOCKED_MODULES, make_image_folder, ray_free_run, report_dir,
+                                  tiny_cpu_config)
 
 
 def test_every_module_imports_and_a_local_run_completes_without_ray(tmp_path):
@@ -28,7 +29,7 @@ def test_every_module_imports_and_a_local_run_completes_without_ray(tmp_path):
     assert sorted(result["modules"]) == expected
     assert result["exit_code"] == 0
 
-    run_dir = tmp_path / "out" / "runs" / cfg["name"]
+    run_dir = report_dir(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["num_images"] == 4  # 4 classes x IPC 1
     assert 0 <= metrics["student_top1"] <= 100
