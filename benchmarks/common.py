@@ -249,6 +249,19 @@ def set_threads(threads: int | None) -> int:
 WORK = Path(__file__).resolve().parent / "work"
 """Default output root of the benchmarks' pipeline runs (shared: content keys reuse work)."""
 
+QUICK_RESULTS = WORK / "results-quick"
+"""Where ``--quick`` (smoke size) runs write their results: never over the committed
+``benchmarks/results/`` files, which hold full-size measurements (``benchmarks/work/`` is
+not tracked)."""
+
+
+def results_dir(quick: bool, given: str | Path | None = None) -> Path:
+    """The results folder of a run: ``given`` (``--results``) when set, else
+    :data:`QUICK_RESULTS` for ``--quick`` runs and :data:`RESULTS` otherwise."""
+    if given is not None:
+        return Path(given)
+    return QUICK_RESULTS if quick else RESULTS
+
 DATASETS: dict[str, dict[str, Any]] = {
     # CIFAR-10 as an ImageFolder of JPEGs; 1,000 images per class held out for validation
     # (never used for training or selection).

@@ -3,6 +3,10 @@
     python -m benchmarks.hardware_limit            # default size (~15 min on 2 CPU cores)
     python -m benchmarks.hardware_limit --quick    # smoke size (~2 min, no torch.compile)
 
+Full-size runs write ``benchmarks/results/hardware_limit.{json,md}`` (committed, quoted by
+benchmarks/README.md); ``--quick`` runs write ``benchmarks/work/results-quick/`` instead, so
+a smoke run never replaces the published numbers (``--results DIR`` picks the folder).
+
 Setting: 32 px, ResNet-18 small-image teacher (``create_model("resnet18", 100, 3, 32)``),
 batch 100 (one image per class), 4 stages at 32 px. The teacher's forward + backward FLOPs
 of one recover iteration are counted with ``torch.utils.flop_counter.FlopCounterMode``
@@ -121,7 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="include the torch.compile variant (default: not with --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--results", default=None, metavar="DIR",
+                        help="results folder (default: benchmarks/results, or "
+                             "benchmarks/work/results-quick with --quick)")
     args = parser.parse_args(argv)
+    results = common.results_dir(args.quick, args.results)
 
     import torch
 
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "variants": rows,
         "wall_seconds": time.perf_counter() - started,
     }
-    common.write_json(NAME, out)
+    written = common.write_json(NAME, out, results)
     table = common.markdown_table(
         ["variant", "s / iteration", "GFLOP/s", "of bf16 peak", "of fp32 peak"],
         [[n, r["seconds_per_iteration"], r["achieved_gflops"], r["fraction_of_bf16_peak"],
@@ -244,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"({out['fraction_of_fp32_peak']:.0%} of fp32)."
             + (f" torch.compile took {compile_seconds:.0f} s to compile."
                if compile_seconds else " torch.compile not measured in this run."))
-    common.write_markdown(NAME, "Distance to the hardware limit", [head, table])
+    common.write_markdown(NAME, "Distance to the hardware limit", [head, table], results)
+    print(f"[{NAME}] results: {written} (and .md)", flush=True)
     print(json.dumps({k: out[k] for k in ("best_setting", "fraction_of_bf16_peak",
                                           "fraction_of_fp32_peak")}, indent=1))
     return out

@@ -9,7 +9,8 @@ import sys
 import traceback
 
 from fadrm import __version__
-from fadrm.config import RunConfig, add_config_argument, list_presets, load_config
+from fadrm.config import (RunConfig, add_config_argument, list_presets, load_config,
+                          preset_path, preset_purpose, resolve_config)
 from fadrm.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, EXIT_WORK_TO_DO, InputError
 from fadrm.runner import EXECUTORS, create_executor, print_summary, run_config  # noqa: F401
 
@@ -18,6 +19,8 @@ def _load(args) -> RunConfig:
     if not args.config:
         raise InputError(f"fadrm {args.command}: a config is required (CONFIG or "
                          f"--config CONFIG; presets: fadrm presets)")
+    _, used = resolve_config(args.config)
+    print(f"config: {used}", file=sys.stderr, flush=True)  # a file, or which preset
     return load_config(args.config, args.overrides)
 
 
@@ -31,22 +34,40 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     from fadrm.preflight import preflight
 
-    status = preflight(_load(args), write_probe=False).plan.status()
+    plan = preflight(_load(args), write_probe=False).plan
+    status = plan.status()
+    report = plan.run_dir if plan.previous_manifest() is not None else None
     if args.json:
         print(json.dumps({"up_to_date": status.up_to_date, "fingerprints": status.fingerprints,
-                          "stages": [s.__dict__ for s in status.stages]}, indent=2))
+                          "report": report, "stages": [s.__dict__ for s in status.stages]},
+                         indent=2))
     else:
         for s in status.stages:
             units = f"{s.done_units}/{s.total_units} units"
             print(f"{s.name:<12} {s.state:<8} {units:<14} {s.reason}")
-        print("up to date" if status.up_to_date else "work to do")
+        where = (f"report {report}/" if report else
+                 f"no report of this config yet (it would be {plan.run_dir}/)")
+        print(("up to date" if status.up_to_date else "work to do") + f"; {where}")
     return EXIT_OK if status.up_to_date else EXIT_WORK_TO_DO
 
 
 def cmd_presets(args) -> int:
-    for name in list_presets():
-        print(name)
-    return 0
+    names = list_presets()
+    if args.presets_command == "show":
+        if args.name not in names:
+            import difflib
+
+            close = difflib.get_close_matches(args.name, names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InputError(f"no preset {args.name!r} ({hint}presets: {', '.join(names)})")
+        sys.stdout.write(preset_path(args.name).read_text())
+        return EXIT_OK
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {preset_purpose(name)}")
+    print("\nstart from one: fadrm presets show NAME > my-run.yaml (then edit data.root, "
+          "output)", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_demo(args) -> int:
@@ -69,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(p):
         add_config_argument(p)
         p.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="override a config key, e.g. recover.alpha=0.4")
+                       metavar="KEY=VALUE", help="override a config key, e.g. recover.alpha=0.4;"
+                       " list items by index: teachers.0.model=resnet50 or "
+                       "'teachers[0].model=resnet50' (repeatable)")
         return p
 
     def with_executor(p):
@@ -89,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("demo", help="Fashion-MNIST IPC10: FADRM vs random-real, one table")
+    p = sub.add_parser("demo", help="Fashion-MNIST IPC10: FADRM (or any method: --set "
+                       "recover.method=rded) vs random-real, one table")
     p.add_argument("--output", default="runs/demo", help="output root (default runs/demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the demo config")
@@ -104,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_watch_arguments(p)
     p.set_defaults(func=run_watch)
 
-    p = sub.add_parser("presets", help="list the shipped config presets")
+    p = sub.add_parser("presets", help="list the shipped config presets, each with its "
+                       "purpose; `presets show NAME` prints one (YAML with comments)")
+    presets_sub = p.add_subparsers(dest="presets_command")
+    show = presets_sub.add_parser("show", help="print a preset's YAML (with its comments), "
+                                  "e.g. fadrm presets show demo > my-run.yaml")
+    show.add_argument("name", metavar="NAME", help="a name from `fadrm presets`")
     p.set_defaults(func=cmd_presets)
     return parser
 

@@ -42,6 +42,8 @@ __all__ = [
     "config_to_dict",
     "list_presets",
     "preset_path",
+    "preset_purpose",
+    "resolve_config",
 ]
 
 
@@ -104,6 +106,10 @@ class DataConfig:
     """Evaluate on at most this many validation images (deterministic subset)."""
     split_seed: int = 0
     """Seed of the train/validation hold-out split and of subsetting."""
+    cache_gib: float = 8.0
+    """Squeeze holds a decoded ImageFolder training set in memory when it needs at most this
+    many GiB (uint8 at the resolution); a larger one streams from storage through torch
+    DataLoader workers (same batches, same result). IDX data is always held in memory."""
 
     def validate(self, p: str) -> None:
         if self.kind not in ("imagefolder", "idx"):
@@ -128,6 +134,8 @@ class DataConfig:
             _positive(self.max_train_per_class, f"{p}.max_train_per_class")
         if self.max_val is not None:
             _positive(self.max_val, f"{p}.max_val")
+        if self.cache_gib < 0:
+            raise ConfigError(f"{p}.cache_gib", f"must be >= 0, got {self.cache_gib}")
 
 
 @dataclass(kw_only=True)
@@ -564,6 +572,22 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(path, f"unsupported type {_type_name(tp)}")
 
 
+# Keys people look for in the wrong place: where the setting lives instead.
+_LIVES_ELSEWHERE = {
+    "student.epochs": "the student trains for relabel.epochs epochs (one stored set of "
+                      "views and soft labels per epoch): set relabel.epochs",
+    "student.batch_size": "the student trains on the stored relabel batches: set "
+                          "relabel.batch_size (student.accumulation_steps splits each into "
+                          "micro-batches)",
+    "recover.iterations": "set recover.stage_iterations (one budget per MRO stage, e.g. "
+                          "[500, 500, 500, 500])",
+    "recover.ipc": "ipc is a top-level key: set ipc",
+    "squeeze.model": "each teacher names its model: set teachers[0].model",
+    "evaluate": "the student's settings are the student section (student.lr, ...); its "
+                "epochs are relabel.epochs",
+}
+
+
 def _build(cls: type, data: dict, path: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
@@ -571,6 +595,9 @@ def _build(cls: type, data: dict, path: str) -> Any:
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
         if key not in names:
+            generic = re.sub(r"\[\d+\]", "[0]", key_path)
+            if generic in _LIVES_ELSEWHERE:
+                raise ConfigError(key_path, f"unknown key: {_LIVES_ELSEWHERE[generic]}")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(key_path, f"unknown key{hint}")
@@ -634,16 +661,41 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _key_parts(key: str) -> list[str]:
+    """``teachers[0].model`` or ``teachers.0.model`` -> ['teachers', '0', 'model']."""
+    return re.sub(r"\[([^\]]*)\]", r".\1", key).split(".")
+
+
+def _key_path(parts: list[str]) -> str:
+    """The key path as errors write it: ``teachers[0].model``."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() and out else (f".{part}" if out else part)
+    return out
+
+
 def _set_path(data: dict, dotted: str, value: Any) -> None:
-    """Apply one override ``a.b.0.c=value`` to nested plain data."""
-    parts = dotted.split(".")
+    """Apply one override ``a.b.0.c=value`` (or ``a.b[0].c=value``) to nested plain data.
+
+    A list index may also be the list's length: that appends an item (``teachers.1.model=
+    resnet18`` adds a second teacher to a one-teacher config).
+    """
+    parts = _key_parts(dotted)
+    if not all(parts):
+        raise ConfigError(dotted, "empty key in the path (write key.path=value; list items "
+                          "as teachers.0.model or 'teachers[0].model')")
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
+        where = _key_path(parts[: i + 1])
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(where, f"list index out of range (list has {len(node)} items)")
+            if not part.isdigit() or int(part) > len(node):
+                valid = f"0 to {len(node) - 1}, or {len(node)} to append" if node else "0"
+                raise ConfigError(where, f"list index out of range: the list has "
+                                  f"{len(node)} item(s); use an index {valid}, e.g. "
+                                  f"teachers.0.model=... or 'teachers[0].model=...'")
+            if int(part) == len(node):
+                node.append(value if last else {})
             if last:
                 node[int(part)] = value
             else:
@@ -673,17 +725,45 @@ def _with_teacher_defaults(data: dict) -> dict:
     return data
 
 
+def resolve_config(source: str | Path) -> tuple[Path, str]:
+    """The file a config ``source`` names, and how to say which was used.
+
+    A path is a file, a preset is a name: ``source`` is a file path when it is a
+    :class:`~pathlib.Path` or contains a path separator or ends in ``.yaml`` / ``.yml``; a
+    bare name is the preset of that name when there is one (a file or folder of the same
+    name in the working directory is then not used: write ``./NAME`` for it), else a file
+    in the working directory. A folder is never a config (one clear error, no traceback).
+    """
+    text = str(source)
+    presets = list_presets()
+    path = Path(text).expanduser()
+    is_path = (isinstance(source, Path) or "/" in text or "\\" in text
+               or path.suffix in (".yaml", ".yml"))
+    if not is_path and text in presets:
+        shadow = ""
+        if path.exists():
+            kind = "folder" if path.is_dir() else "file"
+            shadow = f"; not the {kind} ./{text} (write ./{text} for that)"
+        return preset_path(text), f"preset {text}{shadow}"
+    if path.is_dir():
+        raise ConfigError("", f"{text!r} is a folder, not a config file: name a YAML file "
+                          f"or a preset (presets: {', '.join(presets)})")
+    if not path.is_file():
+        close = difflib.get_close_matches(path.stem if is_path else text, presets, n=1)
+        hint = f"did you mean the preset {close[0]!r}? " if close else ""
+        raise ConfigError("", f"config file {text!r} not found ({hint}presets: "
+                          f"{', '.join(presets)})")
+    return path, f"file {text}"
+
+
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML file (or a preset name, or a dict) and apply ``--set`` overrides."""
+    """Load a YAML file (or a preset name, or a dict) and apply ``--set`` overrides
+    (``section.key=value``; list items by index: ``teachers.0.model=...`` or
+    ``teachers[0].model=...``). See :func:`resolve_config` for names vs paths."""
     if isinstance(source, dict):
         data = dict(source)
     else:
-        path = Path(source)
-        if not path.exists() and str(source) in list_presets():
-            path = preset_path(str(source))
-        if not path.exists():
-            raise ConfigError("", f"config file {str(source)!r} not found "
-                              f"(presets: {', '.join(list_presets())})")
+        path, _ = resolve_config(source)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -716,3 +796,13 @@ def list_presets() -> list[str]:
 
 def preset_path(name: str) -> Path:
     return Path(str(resources.files("fadrm") / "presets" / f"{name}.yaml"))
+
+
+def preset_purpose(name: str) -> str:
+    """A preset's purpose: the first comment line of its YAML file."""
+    for line in preset_path(name).read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""

@@ -35,7 +35,7 @@ from fadrm import shards, storage
 from fadrm.config import DataConfig
 from fadrm.data import DataError, DataSummary, ImageSet
 
-__all__ = ["Listing", "list_data", "DataSource", "load_distilled"]
+__all__ = ["Listing", "list_data", "DataSource", "StreamedSplit", "load_distilled"]
 
 log = logging.getLogger("fadrm.datasource")
 
@@ -183,6 +183,15 @@ class DataSource:
         labels = torch.tensor([f.label for f in files if f.uri not in bad], dtype=torch.long)
         return ImageSet(images, labels, self.classes, skipped)
 
+    def decoded_gib(self, split: str) -> float:
+        """GiB the split takes decoded (uint8 at the configured resolution)."""
+        d = self.cfg
+        return self.count(split) * d.channels * d.resolution ** 2 / 2**30
+
+    def stream(self, split: str) -> StreamedSplit:
+        """The split as a stream: decoded batch by batch by DataLoader workers."""
+        return StreamedSplit(self.cfg, list(self.listing.files[split]), self.classes)
+
     def class_size(self, label: int) -> int:
         """Listed training images of class ``label`` (readable or not)."""
         if self.cfg.kind != "imagefolder":
@@ -219,6 +228,61 @@ class DataSource:
     def _decode(self, files: list) -> tuple[torch.Tensor, list[dict]]:
         threads = _decode_threads(self.cfg.root)
         return fdata.decode_files(files, self.cfg, None, threads)
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Item i = (uint8 [C, H, W] or None when unreadable, label) of file i of a listing."""
+
+    def __init__(self, cfg: DataConfig, files: list):
+        self.cfg, self.files = cfg, files
+        self.mode = "RGB" if cfg.channels == 3 else "L"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        f = self.files[i]
+        try:
+            arr = torch.from_numpy(fdata._decode(f, self.cfg.resolution, self.mode))
+        except Exception as exc:  # noqa: BLE001 - PIL's many error types: skip the file
+            log.warning("skipping unreadable image %s: %s", f.uri, exc)
+            return None, f.label
+        return (arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)), f.label
+
+
+def _stack_readable(items) -> tuple[torch.Tensor, torch.Tensor]:
+    good = [(x, y) for x, y in items if x is not None]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good])
+
+
+class StreamedSplit:
+    """A split too large to hold decoded: its labels (from the listing) and batches decoded
+    on demand by torch DataLoader worker processes (parallel decoding, prefetched while
+    the model trains). Batches are given by index, so a caller's sampling is unchanged."""
+
+    def __init__(self, cfg: DataConfig, files: list, classes: list[str]):
+        self.cfg, self.files, self.classes = cfg, files, classes
+        self.labels = torch.tensor([f.label for f in files], dtype=torch.long)
+        self.skipped: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def batches(self, index_batches, workers: int | None = None):
+        """Iterate (uint8 images, labels) for each list of indices in ``index_batches``."""
+        if workers is None:
+            workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+        loader = torch.utils.data.DataLoader(
+            _FileDataset(self.cfg, self.files), batch_sampler=index_batches,
+            collate_fn=_stack_readable, num_workers=workers, prefetch_factor=4,
+            persistent_workers=False)
+        yield from loader
 
 
 # --------------------------------------------------------------------------- distilled

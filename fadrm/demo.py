@@ -1,7 +1,9 @@
-"""`fadrm demo`: Fashion-MNIST IPC10, FADRM against the random-real baseline.
+"""`fadrm demo`: Fashion-MNIST IPC10, FADRM (or any method) against the random-real baseline.
 
 Both methods go through the same relabel and student training, so the only difference is
-how the 100 images were made. The teacher is trained once (squeeze) and shared.
+how the 100 images were made. The teacher is trained once (squeeze) and shared. Each
+method's report has its own name: ``runs/demo-<method>/`` (``--set recover.method=rded``
+gives ``runs/demo-rded/``; ``--set name=...`` names it yourself).
 """
 
 from __future__ import annotations
@@ -15,34 +17,49 @@ from fadrm.config import load_config
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+METHOD_LABELS = {"random-real": "random-real", "rded": "RDED", "sre2l": "SRe2L",
+                 "fadrm": "FADRM", "fadrm+": "FADRM+"}
+BASELINE = "random-real"
+
+
 def run_demo(output: str = "runs/demo", overrides: list[str] | None = None,
              show_progress: bool = True, executor: str = "ray") -> int:
+    from fadrm.pipeline import report_dir
     from fadrm.runner import print_summary, run_config
 
     base = [f"output={output}", *(overrides or [])]
-    fadrm_cfg = load_config("demo", base)
-    if fadrm_cfg.data.kind == "idx" and not Path(fadrm_cfg.data.root).exists():
-        print(f"Fashion-MNIST not found at {fadrm_cfg.data.root}.\n"
+    method_cfg = load_config("demo", base)
+    if method_cfg.data.kind == "idx" and not Path(method_cfg.data.root).exists():
+        print(f"Fashion-MNIST not found at {method_cfg.data.root}.\n"
               "Install it with: sudo apt-get install -y dataset-fashion-mnist\n"
               "or download the four IDX files and pass --set data.root=DIR", file=sys.stderr)
         return 2
-    baseline_cfg = load_config("demo", [*base, "name=demo-random-real",
-                                        "recover.method=random-real"])
+    method = method_cfg.recover.method
+    if not any(o.split("=", 1)[0].strip() == "name" for o in overrides or []):
+        method_cfg = load_config("demo", [*base, f"name=demo-{method}"])
+    baseline_cfg = load_config("demo", [*base, f"name=demo-{BASELINE}",
+                                        f"recover.method={BASELINE}"])
+    runs = [("baseline", baseline_cfg)]
+    if method != BASELINE or method_cfg.name != baseline_cfg.name:
+        runs.append(("method", method_cfg))
     start = time.perf_counter()
     results = {}
-    for cfg in (baseline_cfg, fadrm_cfg):
+    for role, cfg in runs:
         print(f"\n>>> {cfg.name}: {cfg.recover.method}", flush=True)
-        results[cfg.recover.method] = run_config(cfg, executor, show_progress=show_progress)
-        print_summary(cfg, results[cfg.recover.method])
+        results[role] = run_config(cfg, executor, show_progress=show_progress)
+        print_summary(cfg, results[role])
+    results.setdefault("method", results["baseline"])
     elapsed = time.perf_counter() - start
-    fa, rr = results["fadrm"], results["random-real"]
-    print("\nFashion-MNIST, IPC10 (100 images), top-1 on the 10,000 test images")
-    print(f"  {'teacher (' + fadrm_cfg.teachers[0].model + ', full data)':<34} "
-          f"{fa['teacher_top1']:6.2f} %")
-    print(f"  {'random-real + soft labels':<34} {rr['student_top1']:6.2f} %")
-    print(f"  {'FADRM + soft labels':<34} {fa['student_top1']:6.2f} %")
+    label = METHOD_LABELS.get(method, method)
+    top = results["method"]
+    print(f"\nFashion-MNIST, IPC{method_cfg.ipc} ({top['num_images']} images), top-1 on the "
+          f"{top['val_images']:,} test images")
+    print(f"  {'teacher (' + method_cfg.teachers[0].model + ', full data)':<34} "
+          f"{top['teacher_top1']:6.2f} %")
+    print(f"  {'random-real + soft labels':<34} {results['baseline']['student_top1']:6.2f} %")
+    if method != BASELINE:
+        print(f"  {label + ' + soft labels':<34} {top['student_top1']:6.2f} %")
     print(f"  total time {elapsed / 60:.1f} min")
-    print(f"  grid:    {output}/runs/{fadrm_cfg.name}/grid.png")
-    print(f"  metrics: {output}/runs/{fadrm_cfg.name}/metrics.json, "
-          f"{output}/runs/{baseline_cfg.name}/metrics.json")
+    print(f"  grid:    {report_dir(method_cfg)}/grid.png")
+    print("  metrics: " + ", ".join(f"{report_dir(cfg)}/metrics.json" for _, cfg in runs))
     return 0

@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["digest", "StageKey", "StageStatus", "RunStatus", "diff_components"]
+__all__ = ["digest", "StageKey", "StageStatus", "RunStatus", "diff_components",
+           "changed_values"]
 
 
 def digest(obj: Any, length: int = 16) -> str:
@@ -37,8 +38,8 @@ class StageKey:
         return digest({"stage": self.stage, **self.components})
 
 
-def diff_components(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Human-readable list of what differs between two component dicts."""
+def changed_values(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key path, old value, new value)`` of every leaf that differs."""
     changes = []
     for name in sorted(set(old) | set(new)):
         path = f"{prefix}{name}"
@@ -46,10 +47,21 @@ def diff_components(old: dict, new: dict, prefix: str = "") -> list[str]:
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            changes.extend(diff_components(a, b, path + "."))
+            changes.extend(changed_values(a, b, path + "."))
         else:
-            changes.append(f"{path}: {_short(a)} -> {_short(b)}")
+            changes.append((path, a, b))
     return changes
+
+
+def diff_components(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of what differs between two component dicts."""
+    return [f"{path}: {_short(a)} -> {_short(b)}" for path, a, b in changed_values(old, new,
+                                                                                  prefix)]
+
+
+def short(value: Any) -> str:
+    """``value`` as JSON, cut to 40 characters."""
+    return _short(value)
 
 
 def _short(value: Any) -> str:

@@ -14,9 +14,13 @@ workers together (DDP when there are several); the others are pulled unit by uni
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import io
+import json
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,11 +33,12 @@ from fadrm.amp import resolve_device
 from fadrm.config import RunConfig, config_to_dict
 from fadrm.data import normalize
 from fadrm.datasource import load_distilled
-from fadrm.lineage import RunStatus, StageKey, StageStatus, diff_components
+from fadrm.lineage import RunStatus, StageKey, StageStatus, changed_values, digest, short
 
 log = logging.getLogger("fadrm.pipeline")
 
-__all__ = ["WorkerContext", "Stage", "RunPlan", "LocalExecutor", "StageProgress", "unit_seed"]
+__all__ = ["WorkerContext", "Stage", "RunPlan", "LocalExecutor", "StageProgress", "unit_seed",
+           "config_fingerprint", "report_dir", "latest_dir"]
 
 
 def unit_seed(run_seed: int, stage: str, unit: str) -> int:
@@ -90,6 +95,26 @@ class Stage:
 
     def pending(self) -> list[str]:
         return [u for u in self.units() if not self.is_done(u)]
+
+    # The time this stage's output took to compute, kept beside it, so a later run that
+    # reuses the output reports it as cached with its original time (not as 0 s).
+    @property
+    def timing_uri(self) -> str:
+        return storage.join(self.dir, "timing.json")
+
+    def recorded_seconds(self) -> float | None:
+        """Seconds the runs that computed this output spent on it; None when unknown."""
+        try:
+            return shards.read_json(self.timing_uri)["seconds"]
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+
+    def record_seconds(self, seconds: float, units: int) -> None:
+        """Add a run's ``seconds`` for ``units`` units (a resumed or repaired stage adds up)."""
+        before = self.recorded_seconds() or 0.0
+        shards.write_json(self.timing_uri, {
+            "seconds": round(before + seconds, 2), "last_units": units,
+            "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
 
     def setup(self, ctx: WorkerContext) -> Any:
         """Per-worker state loaded once (data, teachers)."""
@@ -160,6 +185,10 @@ class SqueezeStage(Stage):
 
     def setup(self, ctx: WorkerContext) -> Any:
         source = self.plan.source
+        d = self.cfg.data
+        if d.kind == "imagefolder" and source.decoded_gib("train") > d.cache_gib:
+            # Too large to hold decoded (data.cache_gib): stream it, batch by batch.
+            return source.stream("train"), source.split("val")
         return source.split("train"), source.split("val")
 
     def run_unit(self, state: Any, unit: str, ctx: WorkerContext) -> None:
@@ -329,13 +358,13 @@ class EvaluateStage(Stage):
         return storage.join(self.dir, "metrics.json")
 
     def setup(self, ctx: WorkerContext) -> Any:
-        # Only the validation set is decoded: the student never sees a real training image.
-        val = self.plan.source.split("val")
+        # Only the validation set is decoded, each rank its strided share (the counts are
+        # summed over ranks): the student never sees a real training image.
+        val = self.plan.source.split("val", shard=(ctx.rank, ctx.world_size))
         images, _ = load_distilled(self.plan)
         return val, images
 
     def run_unit(self, state: Any, unit: str, ctx: WorkerContext) -> None:
-        from fadrm.metrics import evaluate
         from fadrm.models import create_model
         from fadrm.student import train_student
 
@@ -360,13 +389,12 @@ class EvaluateStage(Stage):
         result = train_student(
             model, images, labels_for_epoch, val, cfg.student, cfg.relabel.epochs,
             d.mean, d.std, self.plan.num_classes, ctx.device, seed=seed, progress=ctx.report,
+            val_is_shard=ctx.world_size > 1,
         )
+        teacher_top1 = [_sharded_top1(_load_teacher(self.plan, i, ctx.device), val, d,
+                                      ctx) for i in range(len(cfg.teachers))]
         if ctx.rank != 0:
             return
-        teacher_top1 = []
-        for i in range(len(cfg.teachers)):
-            teacher = _load_teacher(self.plan, i, ctx.device)
-            teacher_top1.append(evaluate(teacher, val, d.mean, d.std, ctx.device)[0])
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
         shards.write_artifact(storage.join(self.dir, "student.pt"), buf.getvalue())
@@ -382,10 +410,25 @@ class EvaluateStage(Stage):
             "teacher_top1": teacher_top1[0],
             "teachers_top1": teacher_top1,
             "train_images": self.plan.source.count("train"),
-            "val_images": len(val),
+            "val_images": self.plan.source.count("val"),
             "skipped_inputs": self.plan.squeeze_skipped() + val.skipped,
         }
         shards.write_artifact(self.unit_uri(unit), _json_bytes(metrics))
+
+
+def _sharded_top1(model: torch.nn.Module, val, d, ctx: WorkerContext) -> float:
+    """Top-1 of ``model`` on the validation set that the ranks hold in shares."""
+    from fadrm.metrics import correct_counts
+
+    c1, _, n = correct_counts(model, val, d.mean, d.std, ctx.device)
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+
+        counts = torch.tensor([c1, n], dtype=torch.float64)
+        counts = counts.to(ctx.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(counts)
+        c1, n = counts.cpu().tolist()
+    return 100.0 * c1 / max(n, 1)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -551,13 +594,17 @@ class RunPlan:
 
     @property
     def run_dir(self) -> str:
-        return storage.join(self.cfg.output, "runs", self.cfg.name)
+        """This config's report: ``<output>/runs/<name>/<config fingerprint>/``."""
+        return report_dir(self.cfg)
+
+    @property
+    def latest_dir(self) -> str:
+        """``<output>/runs/<name>/latest``: the newest report of this run name."""
+        return latest_dir(self.cfg)
 
     def fingerprints(self) -> dict[str, str]:
-        from fadrm.lineage import digest
-
         return {
-            "config": digest(config_to_dict(self.cfg), 12),
+            "config": config_fingerprint(self.cfg),
             "teachers": digest(self._teacher_fp, 12),
             "data": self.data_fp[:12],
         }
@@ -565,13 +612,27 @@ class RunPlan:
     # ----------------------------------------------------------------- status
 
     def previous_manifest(self) -> dict | None:
-        try:
-            return shards.read_json(storage.join(self.run_dir, "manifest.json"))
-        except FileNotFoundError:
-            return None
+        """The manifest of this config's report (None when this config never finished)."""
+        return _read_manifest(self.run_dir)
+
+    def latest_manifest(self) -> dict | None:
+        """The manifest of the newest report of this run name, whatever its config (a
+        report of an earlier build, directly under runs/<name>/, counts too)."""
+        return _read_manifest(self.latest_dir) or _read_manifest(
+            storage.join(self.cfg.output, "runs", self.cfg.name))
 
     def status(self) -> RunStatus:
-        previous = (self.previous_manifest() or {}).get("stages", {})
+        """Each stage for *this* config: done, partial, missing, damaged, or stale (its
+        inputs differ from those of this config's last report, or when this config has none
+        yet, of the newest report of the run name: the reason says which, and each change
+        as ``key NEW here, OLD there``)."""
+        against = self.previous_manifest()
+        basis = "this config's last run"
+        if against is None:
+            against = self.latest_manifest()
+            fp = ((against or {}).get("fingerprints") or {}).get("config", "?")
+            basis = f"the latest run (another config, {fp})"
+        previous = (against or {}).get("stages", {})
         out = []
         for stage in self.stages:
             units = stage.units()
@@ -590,14 +651,39 @@ class RunPlan:
                 state, reason = "done", ""
             elif prev and prev["key"] != stage.key.key:
                 state = "stale"
-                changes = diff_components(prev["components"], stage.key.components)
-                reason = "; ".join(changes) or "inputs changed"
+                changes = changed_values(prev["components"], stage.key.components)
+                what = "; ".join(f"{path} {short(new)} here, {short(old)} there"
+                                 for path, old, new in changes)
+                reason = f"differs from {basis}: {what or 'inputs changed'}"
             elif done:
                 state, reason = "partial", f"{done} of {len(units)} units done"
             else:
                 state, reason = "missing", "never run"
             out.append(StageStatus(label, stage.key.key, state, done, len(units), reason))
         return RunStatus(out, self.fingerprints())
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    """12 hex digits of the resolved config: each config's report has its own folder."""
+    return digest(config_to_dict(cfg), 12)
+
+
+def report_dir(cfg: RunConfig) -> str:
+    """Where ``cfg``'s report lives: ``<output>/runs/<name>/<config fingerprint>``."""
+    return storage.join(cfg.output, "runs", cfg.name, config_fingerprint(cfg))
+
+
+def latest_dir(cfg: RunConfig) -> str:
+    """``<output>/runs/<name>/latest``: the newest report of the run name (a symlink to its
+    folder on local storage, a copy on object storage)."""
+    return storage.join(cfg.output, "runs", cfg.name, "latest")
+
+
+def _read_manifest(run_dir: str) -> dict | None:
+    try:
+        return shards.read_json(storage.join(run_dir, "manifest.json"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
 
 
 # --------------------------------------------------------------------------- execution
@@ -619,21 +705,133 @@ class LocalExecutor:
 
 
 class StageProgress:
-    """A driver-side progress bar over a stage's units (fractional while a unit runs)."""
+    """Driver-side progress of a stage: whole units done, percent (fractions inside units
+    count), time elapsed and left.
 
-    def __init__(self, label: str, total: int, enabled: bool = True):
-        from tqdm.auto import tqdm
+    On a terminal: one tqdm bar, drawn from the first update on (so what an executor prints
+    while it starts, such as Ray's token-authentication notice, comes before the bar, not
+    through it); while it is drawn, log records go through tqdm (each on its own line, the
+    bar redrawn below them).
+    Elsewhere (a pod's log, CI, a pipe): one plain line every ``line_step`` percent instead
+    of a redraw every second. The time left is estimated from progress since the first
+    report, so a long start-up (workers, data, teachers) does not inflate it, and it is
+    shown only once there is enough progress to estimate it.
+    """
 
-        self.bar = tqdm(total=total, desc=f"{label:>10}", unit="unit", disable=not enabled,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} units "
-                                   "[{elapsed}<{remaining}]", dynamic_ncols=True)
-        self.total = total
+    line_step = 5  # percent
+    _min_progress = 0.02  # of the stage, before a time-left estimate is shown
+    _min_seconds = 1.0
+
+    def __init__(self, label: str, total: int, enabled: bool = True, file=None,
+                 tty: bool | None = None, clock=time.monotonic):
+        self.label, self.total, self.enabled = label, max(int(total), 1), enabled
+        self._file, self._tty, self._clock = file, tty, clock
+        self.start = clock()
+        self.done = 0.0
+        self._first: tuple[float, float] | None = None  # (time, fraction) of first progress
+        self._bar = None
+        self._redirect = None
+        self._drawn = 0.0
+        self._next_line = 0.0  # percent at which the next plain line is due
+
+    @property
+    def file(self):
+        return self._file if self._file is not None else sys.stderr
+
+    @property
+    def tty(self) -> bool:
+        if self._tty is None:
+            isatty = getattr(self.file, "isatty", None)
+            self._tty = bool(isatty and isatty())
+        return self._tty
 
     def update(self, done: float) -> None:
+        """``done``: units finished, with the running units' fractions."""
+        if not self.enabled:
+            return
         done = min(float(done), self.total)
-        if done > self.bar.n:
-            self.bar.n = done
-            self.bar.refresh()
+        now = self._clock()
+        if done < self.done or (done == self.done and self._first is not None):
+            if self.tty and self._bar is not None and now - self._drawn >= 1.0:
+                self._draw(now)  # no progress: the elapsed time still moves
+            return
+        if self._first is None or (self._first[1] == 0 and done > 0):
+            self._first = (now, done / self.total)
+        self.done = done
+        if self.tty:
+            self._draw(now)
+        else:
+            self._line(now)
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        now = self._clock() if now is None else now
+        fraction = self.done / self.total
+        if fraction >= 1:
+            return 0.0
+        if self._first is None:
+            return None
+        t0, f0 = self._first
+        if fraction - f0 < self._min_progress or now - t0 < self._min_seconds:
+            return None
+        return (now - t0) * (1 - fraction) / (fraction - f0)
+
+    def text(self, now: float | None = None) -> str:
+        """``3/10 units, 0:42 elapsed, ~1:10 left``."""
+        now = self._clock() if now is None else now
+        left = self.seconds_left(now)
+        units = int(self.done + 1e-9)  # whole units: a running unit's fraction is in the %
+        out = f"{units}/{self.total} units, {_clock_text(now - self.start)} elapsed"
+        if left is not None and self.done < self.total:
+            out += f", ~{_clock_text(left)} left"
+        return out
+
+    def _draw(self, now: float) -> None:
+        if self._bar is None:
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            try:  # a terminal that reports no size (0 columns) gets a fixed width
+                sized = os.get_terminal_size(self.file.fileno()).columns > 0
+            except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                sized = False
+            # The root logger's console output, and Ray's (its own handler, once Ray runs).
+            ray_log = logging.getLogger("ray")
+            console = [lg for lg in (logging.root, ray_log) if lg is logging.root or any(
+                type(h) is logging.StreamHandler for h in lg.handlers)]
+            self._redirect = logging_redirect_tqdm(loggers=console, tqdm_class=tqdm)
+            self._redirect.__enter__()
+            self._bar = tqdm(total=1000, desc=f"{self.label:>10}", file=self.file,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix[0]}",
+                             postfix=[""], dynamic_ncols=sized, ncols=None if sized else 100,
+                             nrows=None if sized else 20)
+        if self.done < self.total and now - self._drawn < 0.1:
+            return  # at most ten redraws a second
+        self._drawn = now
+        self._bar.n = int(1000 * self.done / self.total + 1e-9)
+        self._bar.postfix = [self.text(now)]  # a list: tqdm prints it as is (no ", ")
+        self._bar.refresh()
+
+    def _line(self, now: float) -> None:
+        percent = 100 * self.done / self.total
+        if percent < self._next_line and self.done < self.total:
+            return
+        print(f"{self.label}: {int(percent):3d}% ({self.text(now)})", file=self.file,
+              flush=True)
+        self._next_line = (percent // self.line_step + 1) * self.line_step
+        if self.done >= self.total:
+            self._next_line = float("inf")
 
     def close(self) -> None:
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+
+def _clock_text(seconds: float) -> str:
+    seconds = int(max(seconds, 0) + 0.5)
+    hours, rest = divmod(seconds, 3600)
+    return (f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours
+            else f"{rest // 60}:{rest % 60:02d}")

@@ -1,4 +1,9 @@
-"""The run report: manifest.json, metrics.json, config.yaml and grid.png."""
+"""The run report: manifest.json, metrics.json, config.yaml and grid.png.
+
+Each config has its own report, ``<output>/runs/<name>/<config fingerprint>/``, so the
+``--set`` variants of a run keep their results side by side; ``runs/<name>/latest`` is the
+newest of them (a relative symlink on local storage, a copy on object storage).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 
 import torch
 import yaml
@@ -52,12 +58,21 @@ def render_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
     return buf.getvalue()
 
 
-def write_report(plan, timings: dict[str, float], repaired: list[dict] | None = None) -> dict:
-    """Write the run's report under <output>/runs/<name>/ and return its metrics."""
+REPORT_FILES = ("grid.png", "config.yaml", "metrics.json", "manifest.json")  # manifest last
+
+
+def write_report(plan, timings: dict[str, float | None], repaired: list[dict] | None = None,
+                 cached: list[str] | None = None) -> dict:
+    """Write the run's report under <output>/runs/<name>/<config fingerprint>/, point
+    runs/<name>/latest at it, and return its metrics.
+
+    ``timings``: each stage's seconds; for the stages in ``cached`` (outputs reused from an
+    earlier run) the seconds they took when they were computed (None when unknown).
+    """
     from fadrm.datasource import load_distilled
 
     ev = shards.read_json(plan.evaluate.unit_uri("student"))
-    metrics = _metrics(plan, ev, timings)
+    metrics = _metrics(plan, ev, timings, cached or [])
     manifest = _manifest(plan, ev, metrics, timings, repaired or [])
     # The grid shows at most GRID_CLASSES classes x GRID_PER_CLASS images: read just those.
     shown = list(range(min(plan.num_classes, GRID_CLASSES)))
@@ -72,14 +87,40 @@ def write_report(plan, timings: dict[str, float], repaired: list[dict] | None = 
     # The manifest goes last: its presence means the report is complete.
     storage.write_bytes_atomic(storage.join(run_dir, "manifest.json"),
                                json.dumps(manifest, indent=2).encode())
+    point_latest(plan)
     return metrics
 
 
-def _metrics(plan, ev: dict, timings: dict[str, float]) -> dict:
+def point_latest(plan) -> None:
+    """Make runs/<name>/latest the report of ``plan``'s config: a relative symlink,
+    replaced atomically, on local storage; elsewhere (no symlinks) a copy of the report's
+    files, manifest last."""
+    target, latest = plan.run_dir, plan.latest_dir
+    local = storage.local_path(latest)
+    if local is not None:
+        tmp = local.parent / f".latest.{storage.unique_suffix()}"
+        try:
+            os.symlink(os.path.basename(target.rstrip("/")), tmp, target_is_directory=True)
+            if local.is_dir() and not local.is_symlink():
+                import shutil
+
+                shutil.rmtree(local)  # a copy made where symlinks were unavailable
+            os.replace(tmp, local)
+            return
+        except OSError as exc:  # a filesystem without symlinks: copy instead
+            tmp.unlink(missing_ok=True)
+            log.debug("no symlink for %s (%s); copying the report", latest, exc)
+    for name in REPORT_FILES:
+        storage.write_bytes_atomic(storage.join(latest, name),
+                                   storage.read_bytes(storage.join(target, name)))
+
+
+def _metrics(plan, ev: dict, timings: dict[str, float | None], cached: list[str]) -> dict:
     """metrics.json: the headline numbers of the run."""
     cfg = plan.cfg
     return {
         "name": cfg.name,
+        "config_fingerprint": plan.fingerprints()["config"],
         "method": cfg.recover.method,
         "ipc": cfg.ipc,
         "num_classes": plan.num_classes,
@@ -87,7 +128,10 @@ def _metrics(plan, ev: dict, timings: dict[str, float]) -> dict:
         **{k: ev[k] for k in ("teacher_top1", "teachers_top1", "student_top1",
                               "student_top1_best", "student_top5", "best_epoch",
                               "val_images")},
+        # best_epoch counts from 0 (as the history and the relabel shards e0000-0049 do).
+        "epochs": cfg.relabel.epochs,
         "stage_seconds": timings,
+        "cached_stages": list(cached),
     }
 
 
@@ -123,6 +167,7 @@ def _manifest(plan, ev: dict, metrics: dict, timings: dict[str, float],
         "skipped_inputs": ev["skipped_inputs"],
         "num_skipped_inputs": len(ev["skipped_inputs"]),
         "stage_seconds": timings,
+        "cached_stages": metrics["cached_stages"],
         "repaired_outputs": repaired,
         "metrics": metrics,
     }

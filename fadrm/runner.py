@@ -17,9 +17,9 @@ from typing import Any
 from fadrm import shards, storage
 from fadrm.config import RunConfig
 from fadrm.errors import InputError, MissingDependencyError
-from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
+from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress, latest_dir, report_dir
 from fadrm.preflight import preflight
-from fadrm.report import write_report
+from fadrm.report import point_latest, write_report
 
 __all__ = ["EXECUTORS", "create_executor", "run_config", "run_pipeline", "repair_outputs",
            "print_summary"]
@@ -57,20 +57,30 @@ def run_config(cfg: RunConfig, executor: str = "ray", show_progress: bool = True
     return run_pipeline(cfg, create_executor(cfg, executor), show_progress=show_progress)
 
 
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "?"  # reused output of a build that did not record its time
+    return f"{value:.1f}s" if value < 10 else f"{value:.0f}s"
+
+
 def print_summary(cfg: RunConfig, metrics: dict, file=None) -> None:
     """The run's result in a few lines (what every entrypoint prints at the end)."""
     file = file or sys.stdout
-    run_dir = storage.join(cfg.output, "runs", cfg.name)
-    stages = ", ".join(f"{k} {v:.0f}s" for k, v in metrics["stage_seconds"].items())
+    cached = set(metrics.get("cached_stages", []))
+    stages = ", ".join(f"{k} {_seconds(v)}" + (" (cached)" if k in cached else "")
+                       for k, v in metrics["stage_seconds"].items())
+    epochs = metrics.get("epochs", cfg.relabel.epochs)
     print(f"\n== {cfg.name}: {metrics['method']} IPC{metrics['ipc']} "
           f"({metrics['num_images']} images, {metrics['num_classes']} classes) ==", file=file)
     print(f"  teacher top-1        {metrics['teacher_top1']:6.2f} %", file=file)
+    # best_epoch is stored counting from 0; said here as "after epoch N of E" (from 1).
     print(f"  student top-1 final  {metrics['student_top1']:6.2f} %   "
-          f"(best {metrics['student_top1_best']:.2f} % at epoch {metrics['best_epoch']}; "
-          f"top-5 {metrics['student_top5']:.2f} %)", file=file)
-    print(f"  stage seconds        {stages}", file=file)
-    print(f"  report               {run_dir}/ (metrics.json, manifest.json, grid.png)",
+          f"(best {metrics['student_top1_best']:.2f} % after epoch "
+          f"{metrics['best_epoch'] + 1} of {epochs}; top-5 {metrics['student_top5']:.2f} %)",
           file=file)
+    print(f"  stage seconds        {stages}", file=file)  # cached: an earlier run's time
+    print(f"  report               {report_dir(cfg)}/ (metrics.json, manifest.json, "
+          f"grid.png; newest: {latest_dir(cfg)})", file=file)
 
 
 def repair_outputs(plan: RunPlan, full: bool = True) -> list[dict]:
@@ -99,8 +109,9 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
 
     The inputs are checked first (:func:`fadrm.preflight.preflight`: output writable, data,
     teachers), so bad input fails in seconds, before any stage. When every stage is already
-    complete and the run's report matches the current stage keys, nothing is computed or
-    rewritten: the previous metrics are returned ("up to date").
+    complete and this config's report matches the current stage keys, nothing is computed
+    or rewritten: the previous metrics are returned ("up to date"). Stages whose outputs an
+    earlier run computed are "cached" in the report, with the seconds they took then.
     """
     plan = preflight(cfg).plan
     if any(s.pending() for s in plan.stages):
@@ -112,14 +123,18 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
         keys = {s.label: s.key.key for s in plan.stages}
         if previous and {k: v["key"] for k, v in previous["stages"].items()} == keys:
             log.info("%s: up to date, nothing to do (report: %s)", cfg.name, plan.run_dir)
+            point_latest(plan)
             return shards.read_json(storage.join(plan.run_dir, "metrics.json"))
-    timings: dict[str, float] = {}
+    timings: dict[str, float | None] = {}
+    cached: list[str] = []
     for stage in plan.stages:
         label = stage.label
         pending = stage.pending()
         if not pending:
-            log.info("%s: up to date (%s)", label, stage.key.key)
-            timings[label] = 0.0
+            # Reused: reported as cached, with the time it took when it was computed.
+            timings[label] = stage.recorded_seconds()
+            cached.append(label)
+            log.info("%s: up to date (%s), cached", label, stage.key.key)
             continue
         total = len(stage.units())
         log.info("%s: %d of %d units to do (key %s)", label, len(pending), total, stage.key.key)
@@ -133,7 +148,9 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
         if missing:
             raise RuntimeError(f"{label}: {len(missing)} units still missing after the stage "
                                f"ran: {missing[:5]}")
-        timings[label] = round(time.perf_counter() - start, 2)
-        log.info("%s: %d units in %.1f s (%.2f units/s)", label, len(pending), timings[label],
-                 len(pending) / max(timings[label], 1e-9))
-    return write_report(plan, timings, damaged)
+        seconds = round(time.perf_counter() - start, 2)
+        stage.record_seconds(seconds, len(pending))
+        timings[label] = seconds
+        log.info("%s: %d units in %.1f s (%.2f units/s)", label, len(pending), seconds,
+                 len(pending) / max(seconds, 1e-9))
+    return write_report(plan, timings, damaged, cached)

@@ -1,10 +1,11 @@
 """Arrow shards with checksums: the on-storage form of every stage's output.
 
 A shard is one Arrow IPC file (zstd-compressed record batches) plus a small JSON sidecar
-``<shard>.json`` holding its sha256, row count and size. The sidecar is written after the
-shard, so "the sidecar exists" means "the unit is complete"; readers verify the checksum
-and raise :class:`ShardCorruptError` on any mismatch, so a truncated or altered shard is
-never used silently.
+``<shard>.json`` holding its sha256, row count and size (a JSON output's sidecar is
+``<stem>.sha256.json``: ``metrics.sha256.json``, not ``metrics.json.json``). The sidecar
+is written after the shard, so "the sidecar exists" means "the unit is complete"; readers
+verify the checksum and raise :class:`ShardCorruptError` on any mismatch, so a truncated
+or altered shard is never used silently.
 """
 
 from __future__ import annotations
@@ -40,7 +41,15 @@ class ShardCorruptError(IOError):
 
 
 def _sidecar(uri: str) -> str:
+    if uri.endswith(".json"):
+        return uri[: -len(".json")] + ".sha256.json"
     return uri + ".json"
+
+
+def _legacy_sidecar(uri: str) -> str | None:
+    """Where earlier builds put a JSON output's sidecar (``metrics.json.json``): still
+    read, so finished work written by them is not redone."""
+    return uri + ".json" if uri.endswith(".json") else None
 
 
 def write_artifact(uri: str, data: bytes, **extra) -> dict:
@@ -93,19 +102,27 @@ def write_table(uri: str, table: pa.Table) -> dict:
 
 def shard_info(uri: str) -> dict | None:
     """The sidecar of a complete shard, or None when the unit is not done."""
-    try:
-        return json.loads(storage.read_bytes(_sidecar(uri)))
-    except FileNotFoundError:
-        return None
+    for sidecar in (_sidecar(uri), _legacy_sidecar(uri)):
+        if sidecar is None:
+            continue
+        try:
+            return json.loads(storage.read_bytes(sidecar))
+        except FileNotFoundError:
+            pass
+    return None
 
 
 def is_complete(uri: str) -> bool:
-    return storage.exists(_sidecar(uri))
+    legacy = _legacy_sidecar(uri)
+    return storage.exists(_sidecar(uri)) or (legacy is not None and storage.exists(legacy))
 
 
 def discard(uri: str) -> None:
     """Remove a unit's output (sidecar first, so it is never complete-but-missing)."""
     storage.delete(_sidecar(uri))
+    legacy = _legacy_sidecar(uri)
+    if legacy is not None:
+        storage.delete(legacy)
     storage.delete(uri)
 
 

@@ -8,7 +8,8 @@ augmentation come from seeded generators, so a seed reproduces the run.
 
 Under ``torch.distributed`` (world size > 1) the model is wrapped in DDP and every rank
 takes a strided share of the same per-epoch permutation; ``cfg.batch_size`` is the global
-batch.
+batch. The training set is either decoded in memory (an ``ImageSet``) or streamed (a
+:class:`fadrm.datasource.StreamedSplit`: the same batches, decoded by DataLoader workers).
 """
 
 from __future__ import annotations
@@ -91,8 +92,10 @@ class _Run:
     """``model``, or its DDP wrapper."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    images: torch.Tensor
+    images: torch.Tensor | None
+    """The decoded training set (None when it streams)."""
     labels: torch.Tensor
+    train: object
     cfg: SqueezeConfig
     data_cfg: DataConfig
     device: torch.device
@@ -155,11 +158,14 @@ def _set_up(model, train, cfg, data_cfg, device, seed, rank, world) -> _Run:
         param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
         nesterov=cfg.momentum > 0,
     )
-    images, labels = train.images, train.labels
-    if device.type == "cuda" and images.numel() * images.element_size() <= _DEVICE_CACHE_BYTES:
+    # A StreamedSplit (too large to hold decoded) has no pixels here: batches are decoded
+    # by DataLoader workers as they are needed (fadrm.datasource).
+    images, labels = getattr(train, "images", None), train.labels
+    if images is not None and device.type == "cuda" \
+            and images.numel() * images.element_size() <= _DEVICE_CACHE_BYTES:
         images, labels = images.to(device), labels.to(device)
     return _Run(model, net, optimizer, grad_scaler(device, cfg.mixed_precision), images,
-                labels, cfg, data_cfg, device,
+                labels, train, cfg, data_cfg, device,
                 torch.Generator().manual_seed(seed * 7919 + 1 + rank), steps_per_epoch,
                 total, max(1, min(steps_per_epoch, total // 10)), world)
 
@@ -167,20 +173,27 @@ def _set_up(model, train, cfg, data_cfg, device, seed, rank, world) -> _Run:
 def _train_epoch(run: _Run, perm: torch.Tensor, epoch: int,
                  progress: Callable[[int, int], None] | None) -> None:
     local_batch = max(1, run.cfg.batch_size // run.world)
-    for i in range(run.steps_per_epoch):
-        idx = perm[i * local_batch : (i + 1) * local_batch].to(run.images.device)
-        _train_step(run, idx, epoch, i)
+    batches = [perm[i * local_batch : (i + 1) * local_batch]
+               for i in range(run.steps_per_epoch)]
+    if run.images is None:  # streamed: the same batches, decoded by DataLoader workers
+        pixels = run.train.batches([b.tolist() for b in batches])
+    else:
+        pixels = ((run.images[b.to(run.images.device)], run.labels[b.to(run.labels.device)])
+                  for b in batches)
+    for i, (images, labels) in enumerate(pixels):
+        if len(labels):  # (a streamed batch of only unreadable files is skipped)
+            _train_step(run, images, labels, epoch, i)
         if progress is not None:
             progress(run.step, run.total)
 
 
-def _train_step(run: _Run, idx: torch.Tensor, epoch: int, i: int) -> None:
-    """One SGD step on the batch ``idx``: normalise, augment on the device, forward in
-    mixed precision, label-smoothed CE, scaled backward."""
+def _train_step(run: _Run, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                i: int) -> None:
+    """One SGD step on a uint8 batch: normalise, augment on the device, forward in mixed
+    precision, label-smoothed CE, scaled backward."""
     cfg, device = run.cfg, run.device
-    x = normalize(run.images[idx].to(device, non_blocking=True), run.data_cfg.mean,
-                  run.data_cfg.std)
-    y = run.labels[idx].to(device, non_blocking=True)
+    x = normalize(images.to(device, non_blocking=True), run.data_cfg.mean, run.data_cfg.std)
+    y = labels.to(device, non_blocking=True)
     x = augment_batch(x, run.aug_gen).contiguous(memory_format=torch.channels_last)
     lr = lr_at(run.step, run.total, run.warmup, cfg.lr)
     for group in run.optimizer.param_groups:

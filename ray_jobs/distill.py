@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(source, args.overrides)
         if running_as_ray_job():
             check_submittable(cfg, "a job submitted to the Ray Jobs API")
-        metrics = run(cfg, show_progress=sys.stderr.isatty())
+        # Progress always: a bar on a terminal, else (a pod's log, a Ray job) a line per 5 %.
+        metrics = run(cfg, show_progress=True)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line per failure
         return report_error(exc, verbose=args.verbose)
     print_summary(cfg, metrics)

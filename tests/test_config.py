@@ -37,6 +37,23 @@ def test_override_into_teacher_list():
     data = base() | {"teachers": ["convnet", {"model": "resnet18"}]}
     cfg = load_config(data, ["teachers.1.model=convnet_w128"])
     assert [t.model for t in cfg.teachers] == ["convnet", "convnet_w128"]
+    # The bracket form is the same key; the list's length appends an item.
+    assert load_config(data, ["teachers[1].model=convnet_w128"]) == cfg
+    grown = load_config(base(), ["teachers[1].model=convnet_w128", "teachers.1.recover=false"])
+    assert [(t.model, t.recover) for t in grown.teachers] == [("convnet", True),
+                                                               ("convnet_w128", False)]
+
+
+@pytest.mark.parametrize("overrides, path, words", [
+    (["student.epochs=10"], "student.epochs", "set relabel.epochs"),
+    (["student.batch_size=10"], "student.batch_size", "set relabel.batch_size"),
+    (["recover.iterations=10"], "recover.iterations", "recover.stage_iterations"),
+    (["teachers[2].model=convnet"], "teachers[2]", "list index out of range"),
+    (["teachers..model=convnet"], "teachers..model", "empty key"),
+])
+def test_hints_say_where_a_setting_lives(overrides, path, words):
+    err = error_of(base(), overrides)
+    assert str(err).startswith(path + ":") and words in str(err), str(err)
 
 
 @pytest.mark.parametrize("overrides, path, words", [

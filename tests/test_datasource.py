@@ -120,3 +120,33 @@ def test_data_source_pickles_without_listing_or_pixels(tmp_path):
     again = pickle.loads(blob)
     assert again.index_uri == uri and again.classes == ["c0000", "c0001", "c0002"]
     assert again.class_images(1, [3, 0], 2).shape == (2, 3, 12, 12)
+
+
+def test_squeeze_streams_a_large_training_set_with_the_same_result(tmp_path):
+    """A training set above data.cache_gib is streamed through DataLoader workers; the
+    teacher trained on the stream equals the one trained on the decoded set."""
+    from fadrm.pipeline import SqueezeStage
+    from fadrm.squeeze import train_teacher
+    from fadrm.datasource import StreamedSplit
+
+    root = _tree(tmp_path / "train", num_classes=3, per_class=10)
+    settings = {"name": "s", "output": str(tmp_path / "out"), "ipc": 1,
+                "data": {"kind": "imagefolder", "root": str(root), "resolution": 12,
+                         "val_per_class": 2},
+                "teachers": ["convnet"], "student": {"model": "convnet"},
+                "squeeze": {"epochs": 2, "batch_size": 8, "lr": 0.05}}
+    small = RunPlan(load_config(settings))
+    held = small.squeeze[0].setup(WorkerContext())
+    big = RunPlan(load_config({**settings, "data": {**settings["data"], "cache_gib": 0}}))
+    streamed = big.squeeze[0].setup(WorkerContext())
+    assert isinstance(big.squeeze[0], SqueezeStage)
+    assert isinstance(streamed[0], StreamedSplit) and not isinstance(held[0], StreamedSplit)
+    weights = []
+    for train, val in (held, streamed):
+        torch.manual_seed(0)
+        model = create_model("convnet", 3, in_chans=3, image_size=12)
+        train_teacher(model, train, val, big.cfg.squeeze, big.cfg.data, torch.device("cpu"),
+                      seed=5)
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key

@@ -19,7 +19,7 @@ def test_end_to_end_through_local_ray(tmp_path, fmnist_root):
         metrics = run(cfg, show_progress=False)
     finally:
         ray.shutdown()
-    run_dir = tmp_path / "runs" / cfg.name
+    run_dir = tmp_path / "runs" / cfg.name / "latest"  # -> this config's own report folder
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk == metrics
     assert metrics["num_images"] == 30

@@ -182,7 +182,7 @@ def test_readme_ray_job_submit_block_runs_as_written(fmnist_root):
         assert "'PreemptionWatcher'" not in log  # ray_jobs/ray_logs.py works in a job too
         assert (home / ".ray" / "auth_token").exists()
         assert "student top-1" in log  # the job's own output (its summary), tailed by the CLI
-        run_dir = out / "runs" / "my-run"
+        run_dir = out / "runs" / "my-run" / "latest"  # the newest report of my-run
         metrics = json.loads((run_dir / "metrics.json").read_text())
         manifest = json.loads((run_dir / "manifest.json").read_text())
         assert metrics["num_images"] == 10 and metrics["student_top1"] > 20  # chance: 10

@@ -30,7 +30,13 @@ def test_pipeline_on_s3(s3_endpoint, fmnist_root):
         metrics = run(cfg, show_progress=False)
     finally:
         ray.shutdown()
-    run_dir = "s3://fadrm-test/runs/runs/tiny"
+    # This config's report (runs/<name>/<config fingerprint>) and, object storage having
+    # no symlinks, a copy of it as runs/<name>/latest.
+    run_dir = RunPlan(cfg).run_dir
+    assert run_dir.startswith("s3://fadrm-test/runs/runs/tiny/")
+    for name in ("manifest.json", "metrics.json", "grid.png"):
+        assert storage.read_bytes(f"s3://fadrm-test/runs/runs/tiny/latest/{name}") == \
+            storage.read_bytes(f"{run_dir}/{name}")
     manifest = json.loads(storage.read_bytes(f"{run_dir}/manifest.json"))
     assert json.loads(storage.read_bytes(f"{run_dir}/metrics.json")) == metrics
     assert storage.read_bytes(f"{run_dir}/grid.png")[:4] == b"\x89PNG"
