@@ -164,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`fadrm presets | head`): not an error of ours. Point stdout
+        # at /dev/null so the interpreter's final flush does not fail again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line per failure
         return report_error(exc, verbose=args.verbose)
 
