@@ -1,51 +1,98 @@
 # syntax=docker/dockerfile:1
 #
-# FADRM distillation image: the official Ray GPU image + this package and its runtime
-# dependencies. The same image runs the Ray head, the GPU workers, the RayJob submitter and
-# the `fadrm watch` CronJob (see k8s/).
+# Two images from one file (k8s/README.md, "Build and push the images"):
 #
-#   docker build -t REGISTRY/fadrm:0.1.0 .
+#   docker build --target ray   -t REGISTRY/fadrm:0.1.0 .        # Ray head, GPU workers, submitter
+#   docker build --target watch -t REGISTRY/fadrm-watch:0.1.0 .  # the hourly `fadrm watch`
 #
-# Base image: pinned to the Ray version this package pins (`ray[train,default]==2.60.0` in
-# pyproject.toml); `rayVersion` in k8s/*.yaml must be the same (tests/test_k8s.py checks all
-# three). The CUDA 13.0 variant matches the torch 2.14.1 wheels on PyPI, which are CUDA 13.0
-# builds (they bundle their CUDA runtime, so the node only needs an NVIDIA driver >= 580).
-FROM rayproject/ray:2.60.0-py311-cu130
+# Lean on purpose: the base is Debian's slim Python runtime, no CUDA toolkit and no second
+# CUDA. The only CUDA in `ray` is the runtime that the torch wheels bring as pip packages
+# (nvidia-*, CUDA 13.0: the node needs just the NVIDIA driver >= 580 and the container
+# toolkit). `watch` has no CUDA and no Ray at all (CPU-only torch), so the CPU-only CronJob
+# pulls a fraction of the GPU image every hour. Every Python package is pinned
+# (k8s/image/*.txt, installed with --no-deps and verified with `pip check`), so a rebuild
+# installs exactly the tested versions. Expected sizes and how they were estimated:
+# k8s/README.md. KubeRay needs bash (its pod commands are `bash -lc`) and, since the probes
+# of Ray >= 2.53 are HTTP, nothing else from the image; everything is installed into the
+# system Python under /usr/local, which a login shell keeps on PATH.
+#
+# The Ray version (k8s/image/runtime.txt) = pyproject.toml's pin = `rayVersion` in k8s/
+# (tests/test_k8s.py checks all three).
 
-# Non-root: the base image's `ray` user (uid 1000, group `users` gid 100) owns the Python
-# environment under /home/ray, so pip needs no root. Numeric so that Kubernetes
-# `runAsNonRoot` can verify it.
-USER 1000:100
-WORKDIR /home/ray/fadrm-src
+FROM python:3.11.7-slim-bookworm AS base
 
 # No pip cache in the layers; unbuffered logs so `kubectl logs` / Ray job logs stream.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# Layer 1, the largest and the least often changed: torch + torchvision, pinned to the
-# versions the package is tested with (PyPI's default wheels are the CUDA 13.0 builds).
-RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1
+# Non-root at run time: user `ray` (uid 1000, group `users` gid 100, as in Ray's images).
+# Numeric, so that Kubernetes `runAsNonRoot` can verify it.
+RUN useradd --uid 1000 --gid 100 --create-home --home-dir /home/ray --shell /bin/bash ray
 
-# Layer 2: the runtime dependencies listed in pyproject.toml: [project].dependencies plus
-# the `k8s` extra (the Kubernetes client of the `fadrm watch` CronJob), no test extras;
-# read with tomllib. Rebuilt only when pyproject.toml changes.
-COPY --chown=1000:100 pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; deps = p['dependencies'] + p['optional-dependencies']['k8s']; open('/tmp/fadrm-requirements.txt', 'w').write(chr(10).join(deps))" \
-    && pip install --no-cache-dir -r /tmp/fadrm-requirements.txt \
-    && rm /tmp/fadrm-requirements.txt
+WORKDIR /src
+
+
+# --------------------------------------------------------------------------- watch
+FROM base AS watch
+
+# CPU-only torch + torchvision (no CUDA, ~6x smaller than the CUDA build), same versions as
+# the `ray` image.
+RUN pip install --no-cache-dir --no-deps --index-url https://download.pytorch.org/whl/cpu \
+    torch==2.14.1+cpu torchvision==0.29.1+cpu
+
+# What `fadrm watch` imports: config, lineage, preflight, storage, the Kubernetes client.
+COPY k8s/image/watch.txt /tmp/req/
+RUN pip install --no-cache-dir --no-deps -r /tmp/req/watch.txt \
+    && pip check \
+    && rm -rf /tmp/req
+
+COPY pyproject.toml README.md ./
+COPY fadrm ./fadrm
+COPY ray_jobs ./ray_jobs
+# --no-deps: Ray (a declared dependency of the package) is deliberately absent here; the
+# check below proves the watch imports without it.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && python -c "import fadrm.watch, fadrm.preflight, fadrm.pipeline, kubernetes" \
+    && rm -rf /src/build /src/*.egg-info
+
+USER 1000:100
+WORKDIR /home/ray
+ENTRYPOINT ["fadrm"]
+CMD ["watch", "--help"]
+
+
+# Last, so that a plain `docker build .` builds the main (Ray) image.
+# --------------------------------------------------------------------------- ray
+FROM base AS ray
+
+# Layer 1, the largest and the least often changed: torch + torchvision (PyPI's default
+# wheels are the CUDA 13.0 builds) with their pinned CUDA runtime packages.
+COPY k8s/image/torch-cu130.txt /tmp/req/
+RUN pip install --no-cache-dir --no-deps -r /tmp/req/torch-cu130.txt
+
+# Layer 2: Ray and the other runtime dependencies (pyproject.toml [project].dependencies +
+# the `k8s` extra), exact versions; `pip check` proves the set complete and consistent.
+COPY k8s/image/runtime.txt /tmp/req/
+RUN pip install --no-cache-dir --no-deps -r /tmp/req/runtime.txt \
+    && pip check \
+    && rm -rf /tmp/req
 
 # Layer 3, changes most often: the package itself (fadrm/ and the ray_jobs/ entrypoints).
-# --no-deps: everything it needs is already installed above. The import check fails the
-# build early if the RayJob entrypoint module is missing.
-COPY --chown=1000:100 README.md ./
-COPY --chown=1000:100 fadrm ./fadrm
-COPY --chown=1000:100 ray_jobs ./ray_jobs
-RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import importlib.util as u; import fadrm; assert u.find_spec('ray_jobs.distill')"
+# --no-deps: everything it needs is installed above; --no-build-isolation: built with the
+# pinned setuptools, nothing fetched. The import check fails the build early if the RayJob
+# entrypoint module is missing.
+COPY pyproject.toml README.md ./
+COPY fadrm ./fadrm
+COPY ray_jobs ./ray_jobs
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && python -c "import importlib.util as u, fadrm, ray; assert u.find_spec('ray_jobs.distill')" \
+    && rm -rf /src/build /src/*.egg-info
 
+USER 1000:100
 WORKDIR /home/ray
-# No ENTRYPOINT/CMD: KubeRay sets the Ray start command of head and worker pods, and the
-# CronJob sets `fadrm watch ...`. No credentials are baked in: S3 keys and the Ray auth
-# token come from Kubernetes Secrets at run time.
+# No ENTRYPOINT/CMD: KubeRay sets the Ray start command of head and worker pods and the
+# submitter's `ray job submit`. No credentials are baked in: S3 keys (or cloud identity)
+# and the Ray auth token come from Kubernetes at run time.

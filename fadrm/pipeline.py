@@ -477,10 +477,15 @@ class RunPlan:
                 # downloaded when first needed, once per machine (fadrm.models.read_pinned).
                 self._teacher_fp.append(f"sha256:{t.sha256}")
             elif t.weights:
-                from fadrm.models import read_pinned
+                # Object-store metadata (ETag / size / mtime) decides whether the bytes must
+                # be read and hashed again; an unchanged checkpoint is not downloaded.
+                from fadrm.fingerprints import cache_dir_for, weights_fingerprint
 
-                self._weights[i] = read_pinned(t.weights, t.sha256, f"teachers[{i}].weights")
-                self._teacher_fp.append("sha256:" + storage.sha256_bytes(self._weights[i]))
+                fp = weights_fingerprint(t.weights, pin=t.sha256, key=f"teachers[{i}].weights",
+                                         cache_dir=cache_dir_for(cfg.output))
+                if fp.data is not None:  # read (changed or first seen): keep, no second read
+                    self._weights[i] = fp.data
+                self._teacher_fp.append("sha256:" + fp.sha256)
             elif t.pretrained:
                 from fadrm.models import pretrained_fingerprint
 

@@ -42,11 +42,14 @@ class Preflight:
     warnings: list[str] = field(default_factory=list)
 
 
-def preflight(cfg: RunConfig, *, write_probe: bool = True) -> Preflight:
+def preflight(cfg: RunConfig, *, write_probe: bool = True,
+              read_weights: bool = True) -> Preflight:
     """Check ``cfg``'s inputs (see the module docstring); returns the plan they give.
 
     ``write_probe``: prove the output location writable with a small atomic write (runs);
-    without it only its reachability is checked (``status`` reads only).
+    without it only its reachability is checked (``status`` reads only). ``read_weights``
+    False (the hourly watch): given weights are fit-checked only when planning read them
+    anyway (their metadata changed), so an unchanged checkpoint is never downloaded.
     """
     from fadrm.pipeline import RunPlan
 
@@ -58,7 +61,7 @@ def preflight(cfg: RunConfig, *, write_probe: bool = True) -> Preflight:
     summary = check_data(cfg, warnings, source)
     _check_weights_exist(cfg)
     plan = RunPlan(cfg, source)
-    check_teachers(cfg, plan, warnings)
+    check_teachers(cfg, plan, warnings, read_weights=read_weights)
     for w in warnings:
         log.warning("%s", w)
     return Preflight(plan, summary, warnings)
@@ -193,7 +196,8 @@ def _shape_model(plan, index: int) -> torch.nn.Module:
         return build()
 
 
-def check_teachers(cfg: RunConfig, plan, warnings: list[str] | None = None) -> None:
+def check_teachers(cfg: RunConfig, plan, warnings: list[str] | None = None, *,
+                   read_weights: bool = True) -> None:
     """Given weights fit their models, pretrained weights are on this machine, and every
     recover teacher of a BN-matching method has BatchNorm statistics to match."""
     from fadrm.models import check_weights_fit, has_bn_statistics, pretrained_file
@@ -203,7 +207,7 @@ def check_teachers(cfg: RunConfig, plan, warnings: list[str] | None = None) -> N
     for i, t in enumerate(cfg.teachers):
         key = f"teachers[{i}]"
         model = None
-        if t.weights:
+        if t.weights and (read_weights or plan._weights.get(i) is not None):
             model = _shape_model(plan, i)
             try:
                 data = plan.teacher_bytes(i)

@@ -1,9 +1,12 @@
 """`fadrm watch`: the decision, the RayJob it would create, and a real local Ray head.
 
 The Kubernetes target is tested through the exact object it hands to the API (validated
-against the KubeRay RayJob schema) with a recording stand-in for ``CustomObjectsApi``: there
-is no cluster here and the test does not pretend otherwise. The Ray Jobs target runs against
-a real ``ray start --head`` with token authentication on.
+against the KubeRay RayJob schema), against an in-process API server spoken to with the
+official ``kubernetes`` client (tests/kube_fake.py: it enforces AlreadyExists and the RBAC
+of k8s/base); there is no cluster here and the test does not pretend otherwise. The run
+lifecycle (back-off, idempotent names, obsolete runs, KubeRay states) is tested in
+tests/test_watch_lifecycle.py. The Ray Jobs target runs against a real ``ray start --head``
+with token authentication on.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from tests.ray_head import private_ray_head
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SCHEMAS = SHARED / "k8s-schemas"
-TEMPLATE = REPO / "k8s" / "ray-job.distill.yaml"
+TEMPLATE = REPO / "k8s" / "base" / "run-template.yaml"
+RBAC = REPO / "k8s" / "base" / "rbac.watch.yaml"
+NS = "fadrm"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -53,7 +58,7 @@ class Status:
         return all(s.state == "done" for s in self.stages)
 
 
-def stale(teachers: str = "7eac4e5000000002") -> Status:
+def stale(teachers: str = "7eac4e5000000002", config: str = "c0ffee0123456789") -> Status:
     return Status(
         [
             Stage("select", "done"),
@@ -61,7 +66,7 @@ def stale(teachers: str = "7eac4e5000000002") -> Status:
             Stage("relabel", "stale", "upstream recover changed"),
             Stage("evaluate", "missing"),
         ],
-        {"config": "c0ffee0123456789", "teachers": teachers},
+        {"config": config, "teachers": teachers},
     )
 
 
@@ -89,31 +94,32 @@ def schema_errors(validator, doc) -> list[str]:
     return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
 
 
-class FakeCustomObjectsApi:
-    """Records what the Kubernetes target sends; answers list with given RayJobs."""
-
-    def __init__(self, items=()):
-        self.items = list(items)
-        self.created: list[dict] = []
-        self.list_calls: list[dict] = []
-
-    def list_namespaced_custom_object(self, group, version, namespace, plural, **kw):
-        self.list_calls.append(dict(group=group, version=version, namespace=namespace,
-                                    plural=plural, **kw))
-        return {"items": self.items}
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        assert (group, version, plural) == ("ray.io", "v1", "rayjobs")
-        self.created.append(body)
-        name = body["metadata"]["generateName"] + "x7k2q"
-        return {**body, "metadata": {**body["metadata"], "name": name, "namespace": namespace}}
+def watch_role_rules() -> list[dict]:
+    role = next(d for d in yaml.safe_load_all(RBAC.read_text()) if d and d["kind"] == "Role")
+    return role["rules"]
 
 
-def rayjob_item(labels: dict[str, str], deployment_status: str) -> dict:
+@pytest.fixture()
+def kube():
+    """An API server enforcing k8s/base's Role for the watch, with the template deployed."""
+    from tests.kube_fake import FakeKubeAPI
+
+    with FakeKubeAPI(NS, watch_role_rules()) as fake:
+        fake.put("ray.io", "raycronjobs", yaml.safe_load(TEMPLATE.read_text()))
+        yield fake
+
+
+def k8s_target(fake, **kw) -> w.KubernetesTarget:
+    api, core = fake.client()
+    return w.KubernetesTarget(None, namespace=NS, api=api, core_api=core, **kw)
+
+
+def rayjob_item(labels: dict[str, str], deployment_status: str, name: str = "fadrm-x",
+                job_status: str = "") -> dict:
     return {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
-        "metadata": {"name": "fadrm-x", "labels": labels},
-        "status": {"jobDeploymentStatus": deployment_status},
+        "metadata": {"name": name, "labels": labels},
+        "status": {"jobDeploymentStatus": deployment_status, "jobStatus": job_status},
     }
 
 
@@ -136,6 +142,7 @@ def test_stale_submits():
     assert d.action == "submit" and d.should_submit
     assert "recover: stale" in d.reason and "evaluate: missing" in d.reason
     assert d.labels == {w.LABEL_CONFIG: "c0ffee0123456789", w.LABEL_TEACHERS: "7eac4e5000000002"}
+    assert d.attempt == 1 and d.exit_code == 0
 
 
 def test_up_to_date_skips():
@@ -150,15 +157,16 @@ def test_already_running_same_fingerprints_skips():
 
 
 def test_running_with_other_fingerprints_and_stale_submits():
-    # The active run uses the old teacher: it does not produce what is stale now.
+    # The active run (not made by the watch) uses the old teacher: it does not produce what
+    # is stale now, so it does not block a new one; and the watch leaves it alone.
     old = labels_of(stale(teachers="7eac4e5000000001"))
     d = w.decide(stale(teachers="7eac4e5000000002"), [old])
-    assert d.action == "submit"
+    assert d.action == "submit" and d.stop == ()
     assert "1 active run(s) have other fingerprints" in d.reason
 
 
 def test_unlabelled_active_run_of_same_name_skips():
-    # e.g. the RayJob applied with `kubectl apply -k k8s/`: no fingerprints, same run.
+    # e.g. a RayJob applied by hand from the template: no fingerprints, same run.
     d = w.decide(stale(), [{w.LABEL_RUN: "cifar100-ipc10"}])
     assert d.action == "skip-already-running"
 
@@ -173,10 +181,15 @@ def test_fingerprints_must_be_label_values():
 
 
 def test_names_and_label_values():
-    assert w.rayjob_name_prefix("cifar100-ipc10") == "fadrm-cifar100-ipc10-"
-    long = w.rayjob_name_prefix("My_Very Long Run Name " * 5)
-    # generateName + 5 random characters must fit KubeRay's 47, as a DNS-1035 label.
-    assert len(long) + 5 <= 47 and long.endswith("-") and long[0].isalpha()
+    labels = w.fingerprint_labels(stale())
+    name = w.rayjob_name("cifar100-ipc10", labels, 1)
+    assert name.startswith("fadrm-cifar100-ipc10-") and name.endswith("-1")
+    # Deterministic: same fingerprints and attempt, same name; anything else, another.
+    assert name == w.rayjob_name("cifar100-ipc10", dict(labels), 1)
+    assert name != w.rayjob_name("cifar100-ipc10", labels, 2)
+    assert name != w.rayjob_name("cifar100-ipc10", w.fingerprint_labels(stale("7eac")), 1)
+    long = w.rayjob_name("My_Very Long Run Name " * 5, labels, 999)
+    assert len(long) <= 47 and long[0].isalpha()  # KubeRay's limit, DNS-1035
     assert set(long) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
     assert w.label_value("run/with spaces!") == "run-with-spaces"
 
@@ -188,20 +201,24 @@ def test_render_rayjob_from_the_k8s_template_is_valid_and_labelled():
     validator = rayjob_validator()
     template = yaml.safe_load(TEMPLATE.read_text())
     status = stale()
-    obj = w.render_rayjob(template, status, "cifar100-ipc10")
+    obj = w.render_rayjob(template, status, "cifar100-ipc10", attempt=2)
 
     assert schema_errors(validator, obj) == []
+    assert w.lifecycle_problems(obj) == []
     meta = obj["metadata"]
-    assert "name" not in meta and "namespace" not in meta
-    assert meta["generateName"] == "fadrm-cifar100-ipc10-"
+    assert meta["name"] == w.rayjob_name("cifar100-ipc10", w.fingerprint_labels(status), 2)
+    assert "namespace" not in meta and "generateName" not in meta
     assert meta["labels"][w.LABEL_CONFIG] == "c0ffee0123456789"
     assert meta["labels"][w.LABEL_TEACHERS] == "7eac4e5000000002"
     assert meta["labels"][w.LABEL_RUN] == "cifar100-ipc10"
+    assert meta["labels"][w.LABEL_ATTEMPT] == "2"
     assert meta["labels"]["app.kubernetes.io/managed-by"] == "fadrm-watch"
+    assert meta["labels"]["app.kubernetes.io/component"] == "distill"
     assert "teachers[0].weights" in meta["annotations"][w.ANNOTATION_REASON]
-    # The spec is the template's, untouched; the template itself is not modified.
-    assert obj["spec"] == template["spec"]
-    assert template["metadata"]["name"] == "fadrm-distill"
+    assert not [k for k in meta["annotations"] if k.startswith("fadrm.io/template")]
+    # The spec is the template's jobTemplate, untouched; the template itself is unchanged.
+    assert obj["spec"] == template["spec"]["jobTemplate"]
+    assert template["metadata"]["name"] == "fadrm-run-template"
     assert w.LABEL_CONFIG not in template["metadata"]["labels"]
 
 
@@ -210,75 +227,99 @@ def test_render_rejects_other_kinds():
         w.render_rayjob({"apiVersion": "ray.io/v1", "kind": "RayCluster"}, stale(), "r")
 
 
-def test_kubernetes_target_creates_exactly_the_rendered_object():
+def test_template_file_may_be_kustomize_output(tmp_path):
+    docs = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}},
+            yaml.safe_load(TEMPLATE.read_text())]
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    template = w.load_template_file(path)
+    assert template["kind"] == "RayJob"
+    assert template["spec"] == docs[1]["spec"]["jobTemplate"]
+
+
+def test_kubernetes_target_creates_exactly_the_rendered_object(kube):
     validator = rayjob_validator()
-    api = FakeCustomObjectsApi()
-    target = w.KubernetesTarget.from_file(TEMPLATE, namespace="fadrm", api=api)
+    target = k8s_target(kube)
     status = stale()
-    name = target.submit(status, "cifar100-ipc10", "/config/run.yaml")
+    name = target.submit(status, "cifar100-ipc10", "/config/run.yaml", attempt=1)
 
-    assert name.startswith("fadrm-cifar100-ipc10-")
-    (body,) = api.created
-    assert body == target.build(status, "cifar100-ipc10")
+    assert name == w.rayjob_name("cifar100-ipc10", w.fingerprint_labels(status), 1)
+    stored = kube.items("ray.io", "rayjobs")[name]
+    body = target.build(status, "cifar100-ipc10", attempt=1)
+    for key in ("apiVersion", "kind", "spec"):
+        assert stored[key] == body[key]
+    assert {k: v for k, v in stored["metadata"].items()
+            if k in body["metadata"]} == body["metadata"]
     assert schema_errors(validator, body) == []
-    assert body["metadata"]["labels"][w.LABEL_TEACHERS] == "7eac4e5000000002"
+    assert kube.denied == []  # within the Role of k8s/base
+    # The template came from the API (the deployed RayCronJob), by name.
+    assert ("get", "ray.io", "raycronjobs", "fadrm-run-template") in kube.requests
 
 
-def test_kubernetes_target_counts_only_unfinished_rayjobs():
+def test_kubernetes_target_classifies_rayjob_states(kube):
     running = labels_of(stale())
-    api = FakeCustomObjectsApi([
-        rayjob_item(running, "Running"),
-        rayjob_item({**running, w.LABEL_CONFIG: "old"}, "Complete"),
-        rayjob_item({**running, w.LABEL_CONFIG: "failed"}, "Failed"),
-        rayjob_item({**running, w.LABEL_CONFIG: "queued"}, "Suspended"),
-        rayjob_item({**running, w.LABEL_CONFIG: "new"}, ""),
-    ])
-    target = w.KubernetesTarget({}, namespace="fadrm", api=api)
-    active = target.active_fingerprints("cifar100-ipc10")
-    assert [a[w.LABEL_CONFIG] for a in active] == ["c0ffee0123456789", "queued", "new"]
-    assert api.list_calls[0]["label_selector"] == "fadrm.io/run=cifar100-ipc10"
-    assert api.list_calls[0]["namespace"] == "fadrm"
+    for i, (deploy, job) in enumerate([
+        ("Running", "RUNNING"), ("Complete", "SUCCEEDED"), ("Failed", "FAILED"),
+        ("Suspended", ""), ("", ""), ("ValidationFailed", ""), ("Complete", "STOPPED"),
+        ("Retrying", ""),
+    ]):
+        kube.put("ray.io", "rayjobs", rayjob_item({**running, w.LABEL_CONFIG: f"c{i}"},
+                                                  deploy, name=f"job-{i}", job_status=job))
+    kube.put("ray.io", "rayjobs", rayjob_item({w.LABEL_RUN: "other-run"}, "Running", "else"))
+    target = k8s_target(kube)
+    records = {r.labels[w.LABEL_CONFIG]: r for r in target.runs("cifar100-ipc10")}
+    states = {k: r.state for k, r in records.items()}
+    assert states == {"c0": "active", "c1": "succeeded", "c2": "failed", "c3": "active",
+                      "c4": "active", "c5": "failed", "c6": "stopped", "c7": "active"}
+    assert records["c3"].suspended and not records["c0"].suspended
+    assert [a[w.LABEL_CONFIG] for a in target.active_fingerprints("cifar100-ipc10")] == [
+        "c0", "c3", "c4", "c7"]
+    assert ("list", "ray.io", "rayjobs", "") in kube.requests
 
 
-def test_watch_with_kubernetes_target(run_config):
-    api = FakeCustomObjectsApi()
-    target = w.KubernetesTarget.from_file(TEMPLATE, namespace="fadrm", api=api)
+def test_watch_with_kubernetes_target(run_config, kube):
+    target = k8s_target(kube)
+    jobs = kube.items("ray.io", "rayjobs")
 
     d = w.watch(run_config, target, status_fn=lambda cfg: stale())
     assert d.action == "submit" and d.submitted.startswith("fadrm-cifar100-ipc10-")
-    assert len(api.created) == 1
+    assert list(jobs) == [d.submitted]
 
-    # The RayJob just created is now listed as running: the next tick does nothing.
-    api.items = [rayjob_item(api.created[0]["metadata"]["labels"], "Running")]
-    d = w.watch(run_config, target, status_fn=lambda cfg: stale())
-    assert d.action == "skip-already-running" and d.submitted is None
-    assert len(api.created) == 1
+    # The RayJob just created is running: the next tick does nothing.
+    jobs[d.submitted]["status"] = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    d2 = w.watch(run_config, target, status_fn=lambda cfg: stale())
+    assert d2.action == "skip-already-running" and d2.submitted is None
+    assert len(jobs) == 1
 
-    # It finished; everything is done now.
-    api.items[0]["status"]["jobDeploymentStatus"] = "Complete"
-    d = w.watch(run_config, target, status_fn=lambda cfg: up_to_date())
-    assert d.action == "skip-up-to-date" and len(api.created) == 1
+    # It finished; everything is done now (no cluster call at all).
+    jobs[d.submitted]["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
+    before = len(kube.requests)
+    d3 = w.watch(run_config, target, status_fn=lambda cfg: up_to_date())
+    assert d3.action == "skip-up-to-date" and len(kube.requests) == before
 
-    # A new teacher checkpoint: stale again with new teacher fingerprint -> a new RayJob.
-    d = w.watch(run_config, target, status_fn=lambda cfg: stale(teachers="7eac4e5000000003"))
-    assert d.action == "submit" and len(api.created) == 2
-    assert api.created[1]["metadata"]["labels"][w.LABEL_TEACHERS] == "7eac4e5000000003"
+    # A new teacher checkpoint: stale again with a new teacher fingerprint -> a new RayJob,
+    # and the finished one of the old fingerprint is tidied away.
+    d4 = w.watch(run_config, target, status_fn=lambda cfg: stale(teachers="7eac4e5000000003"))
+    assert d4.action == "submit" and d4.stopped == (d.submitted,)
+    assert list(jobs) == [d4.submitted]
+    assert jobs[d4.submitted]["metadata"]["labels"][w.LABEL_TEACHERS] == "7eac4e5000000003"
+    assert kube.denied == []
 
 
-def test_run_watch_cli_dry_run(run_config, monkeypatch, capsys):
-    api = FakeCustomObjectsApi()
+def test_run_watch_cli_dry_run(run_config, monkeypatch, capsys, kube):
+    api, core = kube.client()
     monkeypatch.setattr(w.KubernetesTarget, "api", property(lambda self: api))
     monkeypatch.setattr(w, "_lineage_run_status", lambda cfg: stale())
     parser = w.add_watch_arguments(argparse.ArgumentParser(prog="fadrm watch"))
     args = parser.parse_args([
         "--config", str(run_config), "--target", "kubernetes",
-        "--template", str(TEMPLATE), "--namespace", "fadrm", "--dry-run",
+        "--template", str(TEMPLATE), "--namespace", NS, "--dry-run",
     ])
     assert w.run_watch(args) == 0
-    assert api.created == []  # dry run: nothing created
+    assert kube.items("ray.io", "rayjobs") == {}  # dry run: nothing created
     out = capsys.readouterr().out
     rendered = yaml.safe_load(out.split("submit:")[0])
-    assert rendered["metadata"]["generateName"] == "fadrm-cifar100-ipc10-"
+    assert rendered["metadata"]["name"].startswith("fadrm-cifar100-ipc10-")
     assert "submit: " in out
 
 
@@ -353,9 +394,10 @@ def test_ray_jobs_target_against_a_real_head(ray_head, run_config):
     target = w.RayJobsTarget(ray_head.address, entrypoint=entrypoint, token=ray_head.token)
     client = target.client
     try:
-        # 1. stale, nothing running -> exactly one job submitted.
+        # 1. stale, nothing running -> exactly one job, named from its fingerprints.
         d = w.watch(run_config, target, status_fn=lambda cfg: stale())
-        assert d.action == "submit" and d.submitted
+        assert d.action == "submit"
+        assert d.submitted == w.rayjob_name("cifar100-ipc10", d.labels, 1)
         jobs = [j for j in client.list_jobs() if j.submission_id == d.submitted]
         assert len(client.list_jobs()) == 1 and len(jobs) == 1
         assert jobs[0].metadata[w.LABEL_TEACHERS] == "7eac4e5000000002"
@@ -367,6 +409,11 @@ def test_ray_jobs_target_against_a_real_head(ray_head, run_config):
         assert d2.action == "skip-already-running" and d2.submitted is None
         assert len(client.list_jobs()) == 1
 
+        # 3. a racing second submission of the same run: Ray refuses the id, and that is
+        #    success (nothing new).
+        again = target.submit(stale(), "cifar100-ipc10", run_config, name=d.submitted)
+        assert again == d.submitted and len(client.list_jobs()) == 1
+
         # Release the job; it reads the shipped config and the gate.
         _release_gate(gate)
         assert _wait_for(client, d.submitted, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
@@ -374,7 +421,7 @@ def test_ray_jobs_target_against_a_real_head(ray_head, run_config):
         assert "config name: cifar100-ipc10" in logs
         assert "gate open" in logs
 
-        # 3. up to date (the finished job is no longer active) -> nothing submitted.
+        # 4. up to date (the finished job is no longer active) -> nothing submitted.
         d3 = w.watch(run_config, target, status_fn=lambda cfg: up_to_date())
         assert d3.action == "skip-up-to-date" and d3.submitted is None
         assert len(client.list_jobs()) == 1
