@@ -603,6 +603,8 @@ class KubernetesTarget:
                  template_name: str = DEFAULT_TEMPLATE.split("/", 1)[1]):
         self._template = template_from_object(template) if template else None
         self.template_name = template_name
+        # A dry run without a cluster renders from this file instead of the API's template.
+        self.offline_template: str | None = None
         self.namespace = namespace or _default_namespace()
         self._api = api
         self._core = core_api
@@ -656,6 +658,11 @@ class KubernetesTarget:
                     self.group, self.version, self.namespace, "raycronjobs",
                     self.template_name)
             except Exception as exc:
+                if self.offline_template is not None and _api_error(exc)[0] != 404:
+                    log.warning("dry run: the cluster is not reachable; rendering from %s",
+                                self.offline_template)
+                    self._template = load_template_file(self.offline_template)
+                    return self._template
                 if _api_error(exc)[0] != 404:
                     raise
                 from fadrm.errors import InputError
@@ -849,6 +856,20 @@ class RayJobsTarget:
     def active_fingerprints(self, run_name: str) -> list[dict[str, str]]:
         return [r.labels for r in self.runs(run_name) if r.state == ACTIVE]
 
+    def build(self, status: Any, config_name: str, *, name: str | None = None,
+              attempt: int = 1) -> dict:
+        """What :meth:`submit` sends to the Jobs API (the config travels as run.yaml in a
+        fresh working_dir)."""
+        fps = fingerprint_labels(status)
+        return {
+            "address": self.address,
+            "submission_id": name or rayjob_name(config_name, fps, attempt),
+            "entrypoint": self.entrypoint or "python -m ray_jobs.distill --config run.yaml",
+            "metadata": {LABEL_RUN: label_value(config_name), **fps,
+                         LABEL_ATTEMPT: str(attempt), LABEL_MANAGED_BY: MANAGER},
+            "runtime_env": {**self.runtime_env, "working_dir": "<a folder with run.yaml>"},
+        }
+
     def submit(self, status: Any, config_name: str, config_path: str | Path, *,
                name: str | None = None, attempt: int = 1) -> str:
         fps = fingerprint_labels(status)
@@ -935,7 +956,7 @@ def watch(
     for stage in status.stages:
         log.info("stage %-9s %-8s %s", stage.name, stage.state, getattr(stage, "reason", ""))
     # Nothing stale: no need to ask the cluster anything (a scheduler's common case).
-    runs = [] if status.up_to_date else target.runs(cfg.name)
+    runs = [] if status.up_to_date else _runs(target, cfg.name, dry_run)
     decision = decide(status, runs, config_name=cfg.name, max_failures=max_failures)
     log.info(
         "run %s: %s (%s) [config %s, teachers %s]",
@@ -971,6 +992,25 @@ def watch(
         log.info("submitted %s to %s", submitted, type(target).__name__)
         decision = dataclasses.replace(decision, submitted=submitted)
     return decision
+
+
+def _runs(target: Target, run_name: str, dry_run: bool) -> list:
+    """The target's runs of ``run_name``; a dry run works offline (no kube-config, no
+    reachable dashboard): it says so in one line and assumes there are none."""
+    try:
+        return target.runs(run_name)
+    except Exception as exc:  # noqa: BLE001 - any client/connection error
+        if not dry_run:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("dry run: the cluster is not reachable (%s: %s); assuming it has no runs "
+                    "of %s", type(exc).__name__, first[:200], run_name)
+        return []
+
+
+# The base template in a checkout of this repository: what `--dry-run` renders from when it
+# runs outside the cluster (from the repository root) and no --template file is given.
+OFFLINE_TEMPLATE = "k8s/base/run-template.yaml"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -1036,6 +1076,8 @@ def run_watch(args: argparse.Namespace) -> int:
         if args.target == "kubernetes":
             target: Any = KubernetesTarget.from_reference(args.template,
                                                           namespace=args.namespace)
+            if args.dry_run and Path(OFFLINE_TEMPLATE).is_file():
+                target.offline_template = OFFLINE_TEMPLATE
         else:
             target = RayJobsTarget(args.address)
         decision = watch(source, target, dry_run=args.dry_run,
