@@ -100,7 +100,9 @@ def _stage(cfg: dict, name: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.data_scale")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=common.RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default benchmarks/results; --quick: "
+                             "benchmarks/work/results-quick)")
     parser.add_argument("--work", type=Path, default=None, help="where the trees go")
     args = parser.parse_args(argv)
     n = 500 if args.quick else 5000
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "met": {"rss_ratio_10x": rss_ratio <= TARGETS["rss_ratio_10x"],
                 "select_seconds_ratio_10x": select_ratio <= TARGETS["select_seconds_ratio_10x"]},
     }
-    path = common.write_json(NAME + ("-quick" if args.quick else ""), out, args.out)
+    path = common.write_json(NAME, out, common.results_dir(args.quick, args.out))
     print(f"rss ratio {rss_ratio:.2f} (target <= 1.2), select seconds ratio "
           f"{select_ratio:.2f} (target <= 1.5); wrote {path}")
     return 0

@@ -278,14 +278,15 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": results,
         "wall_seconds": time.perf_counter() - started,
     }
-    common.write_json(NAME, out)
+    common.write_json(NAME, out, common.results_dir(bool(out.get("quick"))))
     quick = "QUICK smoke size. " if args.quick else ""
     sections = [f"Machine: {common.machine_line(info)}. {quick}"
                 f"Headline ({headline}): speedup {common.fmt(out['speedup'])}x, working-memory "
                 f"ratio {common.fmt(out['peak_memory_ratio'])}, whole-peak ratio "
                 f"{common.fmt(out['peak_rss_ratio_total'])}."]
     sections += [_table(name, res) for name, res in results.items()]
-    common.write_markdown(NAME, "Recover speed and memory", sections)
+    common.write_markdown(NAME, "Recover speed and memory", sections,
+                          common.results_dir(bool(out.get("quick"))))
     print(json.dumps({k: out[k] for k in ("speedup", "peak_memory_ratio",
                                           "peak_rss_ratio_total")}, indent=1))
     return out

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": {str(k): v for k, v in runs.items()},
         "wall_seconds": time.perf_counter() - started,
     }
-    common.write_json(NAME, out)
+    common.write_json(NAME, out, common.results_dir(bool(out.get("quick"))))
     table = common.markdown_table(
         ["workers", "steady units/s", "wall units/s (with start-up)"],
         [[w, steady[w], wall[w]] for w in (1, 2)], digits=3)
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"Recover, {ipc} units x {4 * iterations} iterations, 1 thread per worker. "
             f"Speedup with 2 workers: {out['speedup_2_workers']:.2f}x steady, "
             f"{out['speedup_2_workers_wall']:.2f}x including Ray Train start-up.")
-    common.write_markdown(NAME, "Scaling over Ray workers", [head, table])
+    common.write_markdown(NAME, "Scaling over Ray workers", [head, table],
+                         common.results_dir(bool(out.get("quick"))))
     print(json.dumps({k: out[k] for k in ("speedup_2_workers", "speedup_2_workers_wall")},
                      indent=1))
     return out

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
     }
-    common.write_json(NAME, out)
+    common.write_json(NAME, out, common.results_dir(args.quick))
     table = common.markdown_table(
         ["k (0 = full fp16)", "B / image-epoch (shard)", "ratio", "label B / image-epoch",
          "label ratio", "top-1", "delta vs full (points)"],
@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
              f"View columns: {cv['stored_view_bytes_per_row']:.1f} B/row as stored, "
              f"{cv['compact_view_bytes_per_row']:.1f} B/row with a compact encoding "
              f"(projection).")
-    common.write_markdown(NAME, "Soft-label storage", [head, table, notes])
+    common.write_markdown(NAME, "Soft-label storage", [head, table, notes],
+                         common.results_dir(args.quick))
     print(json.dumps({k: out[k] for k in ("bytes_ratio", "bytes_ratio_labels", "top1_delta",
                                           "smallest_k_within_half_point")}, indent=1))
     return out

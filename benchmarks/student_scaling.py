@@ -92,8 +92,9 @@ def run_student(cfg_dict: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.student_scaling")
     parser.add_argument("--quick", action="store_true", help="smoke size")
-    parser.add_argument("--out", type=Path, default=common.RESULTS,
-                        help="results folder (default benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default benchmarks/results; --quick: "
+                             "benchmarks/work/results-quick)")
     args = parser.parse_args(argv)
     size = SIZES["quick" if args.quick else "default"]
     root = Path(tempfile.mkdtemp(prefix="fadrm-student-scaling-"))
@@ -116,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "met": {"speedup_2_workers": speedup >= TARGETS["speedup_2_workers"],
                 "top1_delta": abs(delta) <= TARGETS["abs_top1_delta"]},
     }
-    name = NAME + ("-quick" if args.quick else "")
-    path = common.write_json(name, result, args.out)
+    path = common.write_json(NAME, result, common.results_dir(args.quick, args.out))
     print(f"speedup {speedup:.2f}x (target >= 1.6), top-1 delta {delta:+.2f} points "
           f"(target |d| <= 1.0), steps {one['steps']} / {two['steps']}; wrote {path}")
     return 0
