@@ -170,20 +170,26 @@ def run_child(module: str, args: list[str], timeout: float = 3600) -> dict:
 # --------------------------------------------------------------------------- result files
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, tuples -> lists, numpy/torch scalars -> Python numbers."""
+def json_safe(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, tuples -> lists, numpy/torch scalars -> Python numbers,
+    anything else JSON cannot hold -> its str()."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item) and not isinstance(obj, (str, bytes)):
         try:
             obj = obj.item()
-        except (TypeError, ValueError):
-            pass
+        except (TypeError, ValueError, RuntimeError):
+            return str(obj)
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    return obj
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+_clean = json_safe
 
 
 def write_json(name: str, data: dict, results: Path = RESULTS) -> Path:

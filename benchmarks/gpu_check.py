@@ -55,6 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Standard library only at import time (this script must start on a bare CUDA image).
+from benchmarks.common import json_safe as _clean
+
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = "fadrm-gpu-check/1"
 PRESET = "imagenet1k-fadrm"
@@ -176,24 +179,6 @@ class Report:
             tmp = self.path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(_clean(self.data), indent=2) + "\n")
             tmp.replace(self.path)
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, tuples -> lists, tensors / numpy scalars -> numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and not isinstance(obj, (str, bytes)):
-        try:
-            obj = obj.item()
-        except (TypeError, ValueError, RuntimeError):
-            return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return str(obj)
 
 
 # --------------------------------------------------------------------------- environment

@@ -27,7 +27,7 @@ from fadrm.amp import autocast, grad_scaler
 from fadrm.config import DataConfig, SqueezeConfig
 from fadrm.data import ImageSet, normalize
 from fadrm.metrics import evaluate
-from fadrm.training import param_groups, world as dist_world
+from fadrm.training import Trainer, param_groups, world as dist_world, wrap_ddp
 
 __all__ = ["train_teacher", "augment_batch", "lr_at", "SMALL_IMAGE_MAX"]
 
@@ -84,14 +84,9 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 @dataclass
-class _Run:
+class _Run(Trainer):
     """What every step of one teacher training needs."""
 
-    model: nn.Module
-    net: nn.Module
-    """``model``, or its DDP wrapper."""
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     images: torch.Tensor | None
     """The decoded training set (None when it streams)."""
     labels: torch.Tensor
@@ -144,11 +139,7 @@ def _set_up(model, train, cfg, data_cfg, device, seed, rank, world) -> _Run:
     # channels_last: about 2x faster convolutions on CPU (4x with bf16) and the layout that
     # tensor cores want on CUDA. Undone at the end, so saved weights have the usual layout.
     model.to(device, memory_format=torch.channels_last).train()
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    net = wrap_ddp(model, device, world)
     local_batch = max(1, cfg.batch_size // world)
     # Every rank must run the same number of steps (DDP synchronises each one): use an
     # equal share of each epoch and drop the last partial batch.

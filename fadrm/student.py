@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from fadrm.amp import autocast, grad_scaler, to_layout
 from fadrm.config import StudentConfig
@@ -48,7 +47,7 @@ from fadrm.relabel import (
     view_rows,
     views_from_table,
 )
-from fadrm.training import param_groups, world as dist_world
+from fadrm.training import Trainer, param_groups, world as dist_world, wrap_ddp
 
 __all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "micro_batches", "param_groups",
            "train_student"]
@@ -79,14 +78,9 @@ def micro_batches(batch_size: int, accumulation_steps: int) -> list[np.ndarray]:
 
 
 @dataclass
-class _Run:
+class _Run(Trainer):
     """What every step of one student training needs."""
 
-    model: nn.Module
-    net: nn.Module
-    """``model``, or its DDP wrapper."""
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     images: torch.Tensor
     cfg: StudentConfig
     mean: list[float]
@@ -188,11 +182,7 @@ def _set_up(model, images, cfg, mean, std, num_classes, device, seed) -> _Run:
     # channels_last while training (2x faster small convolutions on the CPU, the layout
     # tensor cores want); undone at the end, so saved weights have the usual layout.
     model.to(device, memory_format=torch.channels_last)
-    net: nn.Module = model
-    if world > 1:
-        net = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    net = wrap_ddp(model, device, world)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scaler = grad_scaler(device, cfg.mixed_precision)
     return _Run(model, net, optimizer, scaler, images, cfg, mean, std, num_classes, device,

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["param_groups", "world"]
+__all__ = ["Trainer", "param_groups", "world", "wrap_ddp"]
+
+
+@dataclass
+class Trainer:
+    """The state every step of a training loop needs (squeeze and student extend it)."""
+
+    model: nn.Module
+    net: nn.Module
+    """``model``, or its DDP wrapper (see :func:`wrap_ddp`)."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several ranks, else itself."""
+    if world_size <= 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
