@@ -638,12 +638,13 @@ class DataSummary:
     """How to name a class's images in a message: a folder pattern or the IDX file."""
 
 
-def summarize(cfg: DataConfig) -> DataSummary:
+def summarize(cfg: DataConfig, folder: tuple | None = None) -> DataSummary:
     """Classes and images per class of ``cfg``'s data, checked (train and validation classes
-    agree, no class is empty) without decoding an image."""
+    agree, no class is empty) without decoding an image. ``folder``: an ImageFolder listing
+    already made, ``(classes, train files, val files)`` (it is not listed again)."""
     cfg.validate("data")
     if cfg.kind == "imagefolder":
-        classes, train_files, val_files = _folder_splits(cfg)
+        classes, train_files, val_files = folder or _folder_splits(cfg)
         train, val = [f.label for f in train_files], [f.label for f in val_files]
         where = storage.join(cfg.root, "<class>")
     else:

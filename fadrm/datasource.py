@@ -145,14 +145,14 @@ class DataSource:
         return self.listing.fingerprint
 
     def summary(self) -> DataSummary:
-        """Images per class and split, from the listing (nothing decoded)."""
-        if self.cfg.kind != "imagefolder":
-            return fdata.summarize(self.cfg)
-        n = len(self.classes)
-        counts = {s: np.bincount([f.label for f in self.listing.files[s]],
-                                 minlength=n).tolist() for s in _SPLITS}
-        return DataSummary(self.classes, counts["train"], counts["val"],
-                           storage.join(self.cfg.root, "<class>"))
+        """Images per class and split, from the listing (nothing decoded; made once)."""
+        if self.__dict__.get("_summary") is None:
+            folder = None
+            if self.cfg.kind == "imagefolder":
+                files = self.listing.files
+                folder = (self.classes, files["train"], files["val"])
+            self._summary = fdata.summarize(self.cfg, folder)
+        return self._summary
 
     def count(self, split: str) -> int:
         return int(sum(getattr(self.summary(), f"{split}_counts")))

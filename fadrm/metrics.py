@@ -6,6 +6,7 @@ import torch
 
 from fadrm.amp import autocast, is_channels_last, to_layout
 from fadrm.data import ImageSet, normalize
+from fadrm.training import all_reduce_sum
 
 
 @torch.no_grad()
@@ -17,10 +18,18 @@ def evaluate(
     device: torch.device,
     batch_size: int = 512,
     mixed_precision: bool = True,
+    sharded: bool = False,
 ) -> tuple[float, float]:
-    """(top-1, top-5) accuracy in percent; the model is put in eval mode and restored."""
-    correct1, correct5, n = correct_counts(model, data, mean, std, device, batch_size,
-                                           mixed_precision)
+    """(top-1, top-5) accuracy in percent; the model is put in eval mode and restored.
+
+    ``sharded``: ``data`` is this rank's share of the set, and the counts are summed over
+    the torch.distributed ranks (exact: the numbers one rank would get on the whole set).
+    """
+    counts = torch.tensor(correct_counts(model, data, mean, std, device, batch_size,
+                                         mixed_precision), dtype=torch.float64)
+    if sharded:
+        counts = all_reduce_sum(counts, device)
+    correct1, correct5, n = counts.tolist()
     n = max(n, 1)
     return 100.0 * correct1 / n, 100.0 * correct5 / n
 

@@ -365,6 +365,7 @@ class EvaluateStage(Stage):
         return val, images
 
     def run_unit(self, state: Any, unit: str, ctx: WorkerContext) -> None:
+        from fadrm.metrics import evaluate
         from fadrm.models import create_model
         from fadrm.student import train_student
 
@@ -391,8 +392,10 @@ class EvaluateStage(Stage):
             d.mean, d.std, self.plan.num_classes, ctx.device, seed=seed, progress=ctx.report,
             val_is_shard=ctx.world_size > 1,
         )
-        teacher_top1 = [_sharded_top1(_load_teacher(self.plan, i, ctx.device), val, d,
-                                      ctx) for i in range(len(cfg.teachers))]
+        # Every rank holds a share of the validation set: the counts are summed over ranks.
+        teacher_top1 = [evaluate(_load_teacher(self.plan, i, ctx.device), val, d.mean, d.std,
+                                 ctx.device, sharded=ctx.world_size > 1)[0]
+                        for i in range(len(cfg.teachers))]
         if ctx.rank != 0:
             return
         buf = io.BytesIO()
@@ -414,21 +417,6 @@ class EvaluateStage(Stage):
             "skipped_inputs": self.plan.squeeze_skipped() + val.skipped,
         }
         shards.write_artifact(self.unit_uri(unit), _json_bytes(metrics))
-
-
-def _sharded_top1(model: torch.nn.Module, val, d, ctx: WorkerContext) -> float:
-    """Top-1 of ``model`` on the validation set that the ranks hold in shares."""
-    from fadrm.metrics import correct_counts
-
-    c1, _, n = correct_counts(model, val, d.mean, d.std, ctx.device)
-    if ctx.world_size > 1:
-        import torch.distributed as dist
-
-        counts = torch.tensor([c1, n], dtype=torch.float64)
-        counts = counts.to(ctx.device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(counts)
-        c1, n = counts.cpu().tolist()
-    return 100.0 * c1 / max(n, 1)
 
 
 def _json_bytes(obj: Any) -> bytes:

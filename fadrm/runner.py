@@ -114,10 +114,12 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
     earlier run computed are "cached" in the report, with the seconds they took then.
     """
     plan = preflight(cfg).plan
-    if any(s.pending() for s in plan.stages):
-        plan.source.write_index(cfg.output)  # workers read it instead of listing again
     damaged = repair_outputs(plan, full=cfg.execution.verify_outputs)
+    # One look at what is done (every unit's sidecar; on S3 a request each): a stage's
+    # units become complete only when that stage runs, so the list holds until then.
     todo = {s.label: s.pending() for s in plan.stages}
+    if any(todo.values()):
+        plan.source.write_index(cfg.output)  # workers read it instead of listing again
     if not damaged and not any(todo.values()):
         previous = plan.previous_manifest()
         keys = {s.label: s.key.key for s in plan.stages}
@@ -129,7 +131,7 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
     cached: list[str] = []
     for stage in plan.stages:
         label = stage.label
-        pending = stage.pending()
+        pending = todo[label]
         if not pending:
             # Reused: reported as cached, with the time it took when it was computed.
             timings[label] = stage.recorded_seconds()

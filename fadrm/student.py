@@ -31,14 +31,13 @@ import numpy as np
 
 import pyarrow as pa
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from fadrm.amp import autocast, grad_scaler, to_layout
 from fadrm.config import StudentConfig
 from fadrm.data import ImageSet
-from fadrm.metrics import correct_counts, evaluate
+from fadrm.metrics import evaluate
 from fadrm.relabel import (
     epoch_table,
     hard_targets,
@@ -47,7 +46,7 @@ from fadrm.relabel import (
     view_rows,
     views_from_table,
 )
-from fadrm.training import Trainer, param_groups, world as dist_world, wrap_ddp
+from fadrm.training import Trainer, all_reduce_sum, param_groups, world as dist_world, wrap_ddp
 
 __all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "micro_batches", "param_groups",
            "train_student"]
@@ -156,24 +155,14 @@ def train_student(
 
 
 def _evaluate_sharded(run: _Run, val: ImageSet, is_shard: bool = False) -> tuple[float, float]:
-    """Top-1 / top-5 on ``val``: each rank evaluates its strided share, counts are summed
-    over the ranks (exact; the same numbers as one rank evaluating everything)."""
-    if run.world == 1:
-        return evaluate(run.model, val, run.mean, run.std, run.device,
-                        run.cfg.eval_batch_size, run.cfg.mixed_precision)
+    """Top-1 / top-5 on ``val``: each rank evaluates its strided share (``val`` itself when
+    it already is one), counts are summed over the ranks."""
     part = val
-    if not is_shard:
+    if run.world > 1 and not is_shard:
         share = torch.arange(run.rank, len(val), run.world)
         part = ImageSet(val.images[share], val.labels[share], val.classes)
-    counts = torch.tensor(correct_counts(run.model, part, run.mean, run.std, run.device,
-                                         run.cfg.eval_batch_size, run.cfg.mixed_precision),
-                          dtype=torch.float64)
-    on = run.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    counts = counts.to(on)
-    dist.all_reduce(counts)
-    c1, c5, n = counts.cpu().tolist()
-    n = max(n, 1)
-    return 100.0 * c1 / n, 100.0 * c5 / n
+    return evaluate(run.model, part, run.mean, run.std, run.device, run.cfg.eval_batch_size,
+                    run.cfg.mixed_precision, sharded=run.world > 1)
 
 
 def _set_up(model, images, cfg, mean, std, num_classes, device, seed) -> _Run:
@@ -203,12 +192,7 @@ def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dic
     for b, s in enumerate(slices):
         loss_total += _train_step(run, views[s], table.slice(s.start, s.stop - s.start),
                                   epoch, b)
-    if run.world > 1:
-        # NCCL reduces only device tensors; gloo handles CPU ones.
-        on = run.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        reduced = loss_total.to(on)
-        dist.all_reduce(reduced)
-        loss_total = reduced.cpu()
+    loss_total = all_reduce_sum(loss_total, run.device)
     return {"epoch": epoch, "top1": None, "top5": None,
             "loss": float(loss_total) / len(slices), "lr": lr}
 

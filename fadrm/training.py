@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Trainer", "param_groups", "world", "wrap_ddp"]
+__all__ = ["Trainer", "all_reduce_sum", "param_groups", "world", "wrap_ddp"]
 
 
 @dataclass
@@ -44,6 +44,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` summed over the torch.distributed ranks (as is without a group), on the
+    CPU. NCCL reduces only device tensors, gloo CPU ones: the tensor travels accordingly."""
+    if world()[1] == 1:
+        return values.cpu()
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    reduced = values.to(on)
+    dist.all_reduce(reduced)
+    return reduced.cpu()
 
 
 def world() -> tuple[int, int]:
