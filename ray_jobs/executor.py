@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -98,9 +97,6 @@ class UnitQueue:
 
     async def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
-
-    async def progress(self) -> float:
-        return len(self.done) + sum(self.inner.values())
 
     async def wait_done(self, count: int) -> list[str]:
         """Block until at least ``count`` units are finished; returns the finished ones."""
@@ -322,8 +318,8 @@ class RayTrainExecutor:
                              time.monotonic() - start)
                 now = time.monotonic()
                 if not started and now >= next_note:
-                    print(_waiting_line(label, num_workers, resources, now - start),
-                          file=sys.stderr, flush=True)
+                    # Through logging, so a progress bar on the terminal stays intact.
+                    log.warning("%s", _waiting_line(label, num_workers, resources, now - start))
                     next_note = now + every
                 if not started and limit is not None and now - start > limit:
                     raise ResourceWaitTimeout(
