@@ -25,7 +25,6 @@ import io
 import logging
 import math
 import struct
-import threading
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -210,28 +209,6 @@ def _finish(data: ImageSet, cfg: DataConfig) -> ImageSet:
     return ImageSet(images, data.labels, data.classes, data.skipped)
 
 
-def _file_info(uri: str) -> pafs.FileInfo:
-    fs, path = storage.filesystem(uri)
-    return fs.get_file_info(path)
-
-
-_digest_lock = threading.Lock()
-_digest_cache: dict[tuple[str, int | None, int | None], str] = {}
-
-
-def _file_digest(uri: str) -> str:
-    """sha256 of a file's bytes, cached in-process by (uri, mtime, size)."""
-    info = _file_info(uri)
-    key = (uri, info.mtime_ns, info.size)
-    with _digest_lock:
-        if key in _digest_cache:
-            return _digest_cache[key]
-    digest = hashlib.sha256(storage.read_bytes(uri)).hexdigest()
-    with _digest_lock:
-        _digest_cache[key] = digest
-    return digest
-
-
 # --------------------------------------------------------------------------- IDX
 
 
@@ -358,10 +335,10 @@ def _idx_digest(cfg: DataConfig) -> str:
     h = hashlib.sha256()
     for split in ("train", "val"):
         for base in IDX_FILES[split]:
-            h.update(f"{base}:{_file_digest(_idx_uri(cfg.root, base))}\n".encode())
+            h.update(f"{base}:{storage.file_sha256(_idx_uri(cfg.root, base))}\n".encode())
     names_uri = storage.join(cfg.root, _CLASSES_FILE)
     if storage.exists(names_uri):
-        h.update(f"{_CLASSES_FILE}:{_file_digest(names_uri)}\n".encode())
+        h.update(f"{_CLASSES_FILE}:{storage.file_sha256(names_uri)}\n".encode())
     return h.hexdigest()
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,7 @@ import torch
 from fadrm import data as fdata
 from fadrm import shards, storage
 from fadrm.config import DataConfig
-from fadrm.data import DataError, DataSummary, ImageSet
+from fadrm.data import DataSummary, ImageSet
 
 __all__ = ["Listing", "list_data", "DataSource", "StreamedSplit", "load_distilled"]
 

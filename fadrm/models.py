@@ -539,13 +539,9 @@ class PretrainedFile:
 def pretrained_file(name: str) -> PretrainedFile | None:
     """The file ``create_model(name, pretrained=True)`` reads, or None where the source
     names no single file (a built-in model has no pretrained weights at all)."""
-    import os
-
     src, bare = _resolve(name)
     hub_checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
     if src == "torchvision":
-        import torchvision.models as tvm
-
         url = _tv_weights(bare).url
         return PretrainedFile(name, url, os.path.join(hub_checkpoints, os.path.basename(url)))
     if src != "timm":
@@ -579,25 +575,6 @@ def pretrained_file(name: str) -> PretrainedFile | None:
     return None
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: str) -> str:
-    """sha256 of a local file, remembered per (path, mtime, size) in this process."""
-    import hashlib
-    import os
-
-    st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
 _HUB_HASH = re.compile(r"-([0-9a-f]{8,})\.pth$")
 
 
@@ -612,7 +589,7 @@ def pretrained_fingerprint(name: str) -> str:
         source = None
     if source is None or not source.cached:
         return f"pretrained:{name}"
-    digest = _file_sha256(source.path)
+    digest = storage.file_sha256(source.path)
     pinned = _HUB_HASH.search(os.path.basename(source.url))
     if pinned and not digest.startswith(pinned.group(1)):
         # torch hub's convention: the file name carries its sha256's first hex digits.

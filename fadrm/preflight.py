@@ -70,12 +70,17 @@ def preflight(cfg: RunConfig, *, write_probe: bool = True,
 # --------------------------------------------------------------------------- storage
 
 
+def _reject_placeholder(key: str, uri: str | None) -> None:
+    """A preset's placeholder bucket is an error before any storage is asked: an endpoint
+    that answers (MinIO, moto) would otherwise just say the bucket is missing."""
+    if uri and any(p in uri for p in _PLACEHOLDERS):
+        raise ConfigError(key, f"{uri!r} still holds the preset's placeholder bucket; set it "
+                          f"to your storage, e.g. --set {key}=s3://my-bucket/fadrm (or an "
+                          f"absolute local path)")
+
+
 def _unreachable(key: str, uri: str, exc: Exception) -> InputError:
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if any(p in uri for p in _PLACEHOLDERS):
-        return ConfigError(key, f"{uri!r} still holds the preset's placeholder bucket; set it "
-                           f"to your storage, e.g. --set {key}=s3://my-bucket/fadrm (or an "
-                           f"absolute local path)")
     return ConfigError(key, f"{uri} is not reachable ({detail}); check the path, the "
                        f"storage section (endpoint_url, region) and the AWS_* credentials")
 
@@ -83,6 +88,7 @@ def _unreachable(key: str, uri: str, exc: Exception) -> InputError:
 def check_output(cfg: RunConfig, *, write_probe: bool = True,
                  warnings: list[str] | None = None) -> None:
     """The output location resolves, is reachable and (``write_probe``) writable."""
+    _reject_placeholder("output", cfg.output)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     if warnings is not None and cfg.execution.address and not storage.is_remote(cfg.output):
         warnings.append(f"output {cfg.output} is a local path and execution.address is set: "
@@ -129,6 +135,8 @@ def check_data(cfg: RunConfig, warnings: list[str] | None = None,
     from fadrm.datasource import DataSource
 
     d = cfg.data
+    _reject_placeholder("data.root", d.root)
+    _reject_placeholder("data.val_root", d.val_root)
     try:
         summary = (source or DataSource(d)).summary()
     except DataError as exc:
@@ -169,6 +177,7 @@ def check_data(cfg: RunConfig, warnings: list[str] | None = None,
 
 def _check_weights_exist(cfg: RunConfig) -> None:
     for i, t in enumerate(cfg.teachers):
+        _reject_placeholder(f"teachers[{i}].weights", t.weights)
         if not t.weights or storage.is_url(t.weights):
             continue  # a URL is fetched (and checked against its pin) by the fit check
         try:

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -33,6 +34,7 @@ __all__ = [
     "delete",
     "size",
     "sha256_bytes",
+    "file_sha256",
     "is_url",
     "local_path",
 ]
@@ -189,6 +191,30 @@ def delete(uri: str) -> None:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+_digest_lock = threading.Lock()
+_digests: dict[tuple[str, int | None, int | None], str] = {}
+
+
+def file_sha256(uri: str) -> str:
+    """sha256 of a file's bytes (local or remote, read in 1 MiB blocks), remembered in this
+    process by (uri, mtime, size), so an unchanged file is hashed once."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: file not found")
+    key = (str(uri), info.mtime_ns, info.size)
+    with _digest_lock:
+        if key in _digests:
+            return _digests[key]
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    with _digest_lock:
+        _digests[key] = h.hexdigest()
+    return _digests[key]
 
 
 def unique_suffix() -> str:
