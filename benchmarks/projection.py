@@ -19,8 +19,10 @@ Assumptions (each is a field of ``assumptions`` in the JSON, and in benchmarks/R
 * The student is data-parallel over the micro-batches of each stored batch: at most
   ``accumulation_steps`` GPUs share a step, and its ``epochs x images / batch`` optimiser
   steps are sequential, each paying a gradient all-reduce (``allreduce_ms``).
-* A stage's units run in rounds of ``G`` (``ceil(units / G)``); each stage pays a worker-group
-  start (``stage_start_s``), and the first stage a GPU scale-up from zero (``scale_up_s``).
+* A stage's units run in rounds of ``G`` (``ceil(units / G)``). The run pays
+  ``worker_group_starts`` worker-group starts of ``stage_start_s`` each (1: one group runs
+  every stage, ``execution.worker_group: shared``, the default; 4 with ``per_stage``), and
+  one GPU scale-up from zero (``scale_up_s``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ ASSUMPTIONS = {
     "cpus_per_gpu": 4,
     "allreduce_ms": 3.0,
     "stage_start_s": 30.0,
+    "worker_group_starts": 1,
     "scale_up_s": 300.0,
     "student_step_overhead_ms": 2.0,
 }
@@ -107,7 +110,7 @@ def stage_hours(work: dict, gpus: int, recover_s_per_image: float, a: dict) -> d
     per_step = per_step_compute + (a["allreduce_ms"] if sharing > 1 else 0) / 1000 \
         + a["student_step_overhead_ms"] / 1000
     student = steps * per_step
-    starts = 4 * a["stage_start_s"] + a["scale_up_s"]
+    starts = a["worker_group_starts"] * a["stage_start_s"] + a["scale_up_s"]
     seconds = {"select": select, "recover": recover, "relabel": relabel,
                "evaluate (student)": student, "start-up": starts}
     return {

@@ -110,6 +110,11 @@ class DataConfig:
     """Squeeze holds a decoded ImageFolder training set in memory when it needs at most this
     many GiB (uint8 at the resolution); a larger one streams from storage through torch
     DataLoader workers (same batches, same result). IDX data is always held in memory."""
+    val_crop_ratio: float | None = None
+    """Validation images (evaluate, and the teachers' validation in squeeze): None -> the
+    same centre square as training images; r in (0, 1] -> shorter side resized to
+    round(resolution / r), then a centre crop of resolution (torchvision's ImageNet
+    evaluation transform, Resize(256) + CenterCrop(224) for r = 0.875)."""
 
     def validate(self, p: str) -> None:
         if self.kind not in ("imagefolder", "idx"):
@@ -136,6 +141,9 @@ class DataConfig:
             _positive(self.max_val, f"{p}.max_val")
         if self.cache_gib < 0:
             raise ConfigError(f"{p}.cache_gib", f"must be >= 0, got {self.cache_gib}")
+        if self.val_crop_ratio is not None and not 0 < self.val_crop_ratio <= 1:
+            raise ConfigError(f"{p}.val_crop_ratio",
+                              f"must be in (0, 1] (or null), got {self.val_crop_ratio}")
 
 
 @dataclass(kw_only=True)
@@ -208,7 +216,17 @@ class SelectConfig:
     factor: int = 1
     """Patches per side stitched into one image (1 or 2)."""
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    """RandomResizedCrop area range of the candidate patches."""
+    """RandomResizedCrop area range of the candidate patches (fraction of the image)."""
+    crop_ratio: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """RandomResizedCrop aspect-ratio range (width / height, drawn log-uniformly as
+    torchvision does); [1, 1] = square patches, as RDED (ratio=(1, 1)); [0.75, 1.3333]
+    = torchvision's default. A non-square box is resized to a square patch."""
+    full_resolution: bool = True
+    """ImageFolder data: cut the patches from each candidate at its stored size (JPEGs
+    DCT-downscaled only while the shorter side stays >= data.resolution), as the authors'
+    RandomResizedCrop on the original image; false -> from the centre square at
+    data.resolution that training images are decoded to. Same bytes either way for IDX
+    data and for images stored as resolution x resolution squares."""
     batch_size: int = 256
     teacher: int = 0
     """Index into `teachers` of the observer that scores realism."""
@@ -219,6 +237,9 @@ class SelectConfig:
         if self.factor not in (1, 2):
             raise ConfigError(f"{p}.factor", f"must be 1 or 2, got {self.factor}")
         _scale_range(self.crop_scale, f"{p}.crop_scale")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ConfigError(f"{p}.crop_ratio",
+                              f"must be [low, high] with 0 < low <= high, got {self.crop_ratio}")
         _positive(self.batch_size, f"{p}.batch_size")
 
 
@@ -399,6 +420,10 @@ class ExecutionConfig:
     """Seconds a stage may wait for its first worker group (workers or GPUs the cluster
     does not have yet; the driver says once a minute what it waits for) before the run
     fails; None -> wait forever. Keep it above your autoscaler's GPU node start time."""
+    worker_group: str = "shared"
+    """'shared': one Ray Train worker group runs every stage that has work, one after the
+    other (workers start once; teachers stay loaded between the stages that use them);
+    'per_stage': a new worker group for each stage (each stage's own retries and size)."""
     verify_outputs: bool = False
     """Before a run, every complete output is checked against its sidecar: size always,
     sha256 of every byte only when true (slow at scale). Either way each shard's sha256 is
@@ -421,6 +446,9 @@ class ExecutionConfig:
             _positive(self.resource_wait_s, f"{p}.resource_wait_s")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{p}.device", "must be 'auto', 'cpu' or 'cuda'")
+        if self.worker_group not in ("shared", "per_stage"):
+            raise ConfigError(f"{p}.worker_group",
+                              f"must be 'shared' or 'per_stage', got {self.worker_group!r}")
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,10 @@
 """Real datasets: ImageFolder trees and IDX files, decoded to uint8 tensors.
 
 Images are held as ``uint8`` tensors ``[N, C, H, W]`` at the configured resolution (the
-compact form; 60k Fashion-MNIST images are 47 MB). Models take normalised float input:
+compact form; 60k Fashion-MNIST images are 47 MB): shorter side resized, centre square;
+validation images optionally with torchvision's Resize + CenterCrop (``val_crop_ratio``).
+Select alone reads ImageFolder images at their stored size (``decode_originals``), to cut
+its patches from the whole image. Models take normalised float input:
 ``normalize`` / ``denormalize`` convert, ``pixel_bounds`` gives the valid normalised range
 that recover clamps to.
 
@@ -26,7 +29,7 @@ import logging
 import math
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -91,6 +94,12 @@ class ImageSet:
         pool = self.indices_of(label)
         return self.images[pool[torch.as_tensor(list(order)[:count], dtype=torch.long)]]
 
+    def class_originals(self, label: int, order: Sequence[int],
+                        count: int) -> list[torch.Tensor]:
+        """:meth:`class_images` as a list of ``[C, H, W]`` (an in-memory set is held at
+        one size: its originals are its images)."""
+        return list(self.class_images(label, order, count))
+
 
 def _stats(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
@@ -143,17 +152,37 @@ def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     raise DataError(f"cannot convert {have}-channel images to {channels} channels")
 
 
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> [N, C, size, size]: shorter side to ``size``, centre crop.
+def eval_resize_shape(height: int, width: int, short: int) -> tuple[int, int]:
+    """(H, W) after torchvision's ``Resize(short)``: the shorter side becomes ``short``, the
+    longer one ``int(short * long / short_side)`` (truncated, as torchvision does)."""
+    if width <= height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def center_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of torchvision's ``CenterCrop(size)`` (its rounding, not floor)."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def resize_images(images: torch.Tensor, size: int,
+                  crop_ratio: float | None = None) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> [N, C, size, size]: shorter side to ``size``, centre crop;
+    with ``crop_ratio`` r, shorter side to round(size / r) first (torchvision's evaluation
+    transform, see ``DataConfig.val_crop_ratio``).
 
     Bilinear with antialiasing, so downscaling does not alias.
     """
     n, c, h, w = images.shape
-    if h == size and w == size:
-        return images
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    top, left = (new_h - size) // 2, (new_w - size) // 2
+    if crop_ratio is None:
+        if h == size and w == size:
+            return images
+        scale = size / min(h, w)
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+    else:
+        new_h, new_w = eval_resize_shape(h, w, round(size / crop_ratio))
+        top, left = center_offsets(new_h, new_w, size)
     out = torch.empty((n, c, size, size), dtype=torch.uint8)
     for start in range(0, n, _RESIZE_CHUNK):
         x = images[start : start + _RESIZE_CHUNK].float()
@@ -203,9 +232,10 @@ def _select(labels: Sequence[int], keys: Sequence[str], seed: int,
     return _balanced_take(per_class, total if max_total is None else max_total)
 
 
-def _finish(data: ImageSet, cfg: DataConfig) -> ImageSet:
+def _finish(data: ImageSet, cfg: DataConfig, crop_ratio: float | None = None) -> ImageSet:
     """Convert channels and resolution to what the config asks for."""
-    images = resize_images(convert_channels(data.images, cfg.channels), cfg.resolution)
+    images = resize_images(convert_channels(data.images, cfg.channels), cfg.resolution,
+                           crop_ratio)
     return ImageSet(images, data.labels, data.classes, data.skipped)
 
 
@@ -328,7 +358,7 @@ def _load_idx(cfg: DataConfig, progress: Progress | None) -> tuple[ImageSet, Ima
     if progress is not None:
         total = len(train) + len(val)
         progress(total, total)
-    return _finish(train, cfg), _finish(val, cfg)
+    return _finish(train, cfg), _finish(val, cfg, cfg.val_crop_ratio)
 
 
 def _idx_digest(cfg: DataConfig) -> str:
@@ -397,51 +427,106 @@ def _scan_folder(root: str) -> tuple[list[str], list[_File]]:
     return names, files
 
 
-def _decode(file: _File, size: int, mode: str) -> np.ndarray:
-    """One image file -> uint8 [H, W] or [H, W, 3] at size x size."""
+def _open(file: _File, mode: str, at_least: int) -> Image.Image:
+    """One image file, decoded to ``mode``. JPEG only: the decoder downscales by DCT scaling
+    (large photos decode much faster) while both sides stay >= ``at_least``."""
     data = storage.read_bytes(file.uri)
     with Image.open(io.BytesIO(data)) as img:
-        # JPEG only: let the decoder downscale by DCT scaling (large photos decode much
-        # faster); the result stays >= size on both sides, so quality is kept.
-        img.draft(mode, (size, size))
-        img = img.convert(mode)  # forces the full decode: truncated data raises here
-        img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
+        img.draft(mode, (at_least, at_least))
+        return img.convert(mode)  # forces the full decode: truncated data raises here
+
+
+def _decode(file: _File, size: int, mode: str, crop_ratio: float | None = None) -> np.ndarray:
+    """One image file -> uint8 [H, W] or [H, W, 3] at size x size: the centre square, or
+    with ``crop_ratio`` torchvision's Resize(round(size / r)) + CenterCrop(size)."""
+    if crop_ratio is None:
+        img = ImageOps.fit(_open(file, mode, size), (size, size), Image.Resampling.BILINEAR)
         return np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+    short = round(size / crop_ratio)
+    img = _open(file, mode, short)
+    height, width = eval_resize_shape(img.height, img.width, short)
+    if (height, width) != (img.height, img.width):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    top, left = center_offsets(height, width, size)
+    return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def decode_files(
-    files: list[_File], cfg: DataConfig, progress: Progress | None = None, threads: int = 2,
-) -> tuple[torch.Tensor, list[dict]]:
-    """Decode ``files`` with ``threads`` threads.
+def _decode_original(file: _File, size: int, mode: str) -> np.ndarray:
+    """One image file -> uint8 [H, W] or [H, W, 3] at its stored size (a JPEG DCT-scaled
+    only while its shorter side stays >= ``size``): what select cuts its patches from."""
+    return np.array(_open(file, mode, size), dtype=np.uint8)
 
-    Returns one image per *readable* file, in the order of ``files``, and the skipped ones.
-    """
-    mode = "RGB" if cfg.channels == 3 else "L"
-    size = cfg.resolution
+
+def _to_chw(arr: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(arr)
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+def _decode_each(
+    files: list[_File], decode: Callable[[_File], np.ndarray], threads: int,
+    progress: Progress | None,
+) -> Iterator[tuple[int, torch.Tensor | str]]:
+    """Yield ``(i, uint8 [C, H, W])`` per file, in order; an unreadable file is logged and
+    yields its error message (a str) instead."""
 
     def work(f: _File) -> np.ndarray | str:
         try:
-            return _decode(f, size, mode)
+            return decode(f)
         # PIL signals malformed input with many exception types (OSError, ValueError,
         # SyntaxError, DecompressionBombError, ...): any of them means "skip this file".
         except Exception as exc:  # noqa: BLE001
             return f"{type(exc).__name__}: {exc}"
 
-    out = torch.empty((len(files), cfg.channels, size, size), dtype=torch.uint8)
-    ok = torch.zeros(len(files), dtype=torch.bool)
-    skipped: list[dict] = []
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fadrm-decode") as pool:
         for i, result in enumerate(pool.map(work, files)):
             if isinstance(result, str):
-                skipped.append({"path": files[i].uri, "error": result})
                 log.warning("skipping unreadable image %s: %s", files[i].uri, result)
+                yield i, result
             else:
-                arr = torch.from_numpy(result)
-                out[i] = arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
-                ok[i] = True
+                yield i, _to_chw(result)
             if progress is not None:
                 progress(i + 1, len(files))
+
+
+def decode_files(
+    files: list[_File], cfg: DataConfig, progress: Progress | None = None, threads: int = 2,
+    crop_ratio: float | None = None,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Decode ``files`` with ``threads`` threads to ``cfg.resolution`` squares (``crop_ratio``:
+    see :func:`_decode`).
+
+    Returns one image per *readable* file, in the order of ``files``, and the skipped ones.
+    """
+    mode = "RGB" if cfg.channels == 3 else "L"
+    size = cfg.resolution
+    out = torch.empty((len(files), cfg.channels, size, size), dtype=torch.uint8)
+    ok = torch.zeros(len(files), dtype=torch.bool)
+    skipped: list[dict] = []
+    decode = lambda f: _decode(f, size, mode, crop_ratio)  # noqa: E731
+    for i, image in _decode_each(files, decode, threads, progress):
+        if isinstance(image, str):
+            skipped.append({"path": files[i].uri, "error": image})
+        else:
+            out[i] = image
+            ok[i] = True
     return out[ok], skipped
+
+
+def decode_originals(
+    files: list[_File], cfg: DataConfig, threads: int = 2,
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """Decode ``files`` at their stored sizes (see :func:`_decode_original`): one uint8
+    ``[C, H, W]`` per readable file, in order, and the skipped ones."""
+    mode = "RGB" if cfg.channels == 3 else "L"
+    out: list[torch.Tensor] = []
+    skipped: list[dict] = []
+    decode = lambda f: _decode_original(f, cfg.resolution, mode)  # noqa: E731
+    for i, image in _decode_each(files, decode, threads, None):
+        if isinstance(image, str):
+            skipped.append({"path": files[i].uri, "error": image})
+        else:
+            out.append(image)
+    return out, skipped
 
 
 def _holdout(
@@ -509,26 +594,28 @@ def folder_listing(cfg: DataConfig) -> tuple[list[str], list[_File], list[_File]
     return classes, train_files, val_files, _listing_digest(scans)
 
 
+def _shifted(progress: Progress | None, base: int, total: int) -> Progress | None:
+    """``progress`` for a part of a decode that starts after ``base`` of ``total`` images."""
+    if progress is None:
+        return None
+    return lambda done, _: progress(base + done, total)
+
+
 def _load_imagefolder(cfg: DataConfig, progress: Progress | None) -> tuple[ImageSet, ImageSet]:
     classes, train_files, val_files = _folder_splits(cfg)
     if not val_files:
         log.warning("no validation images: set data.val_root or data.val_per_class")
-    # One decode pass over both splits, so progress counts all images.
-    images, skipped = decode_files(train_files + val_files, cfg, progress)
-    bad = {s["path"] for s in skipped}
+    # One decode per split (validation may use the evaluation transform); progress counts
+    # the images of both.
+    total = len(train_files) + len(val_files)
     sets = []
-    offset = 0
-    for split_files in (train_files, val_files):
-        good = [f for f in split_files if f.uri not in bad]
-        labels = torch.tensor([f.label for f in good], dtype=torch.long)
-        split_uris = {f.uri for f in split_files}
-        sets.append(ImageSet(
-            images[offset : offset + len(good)],
-            labels,
-            classes,
-            [s for s in skipped if s["path"] in split_uris],
-        ))
-        offset += len(good)
+    for base, files, ratio in ((0, train_files, None),
+                               (len(train_files), val_files, cfg.val_crop_ratio)):
+        images, skipped = decode_files(files, cfg, _shifted(progress, base, total),
+                                       crop_ratio=ratio)
+        bad = {s["path"] for s in skipped}
+        labels = torch.tensor([f.label for f in files if f.uri not in bad], dtype=torch.long)
+        sets.append(ImageSet(images, labels, classes, skipped))
     train, val = sets
     for label in set(range(len(classes))) - set(train.labels.tolist()):
         log.warning("class %r has no readable training images", classes[label])
@@ -587,6 +674,8 @@ def fingerprint_from_digest(cfg: DataConfig, content_digest: str) -> str:
     for name in _DECODE_FIELDS:
         h.update(f"\n{name}={getattr(cfg, name)!r}".encode())
     h.update(f"\nval_root={bool(cfg.val_root)}".encode())
+    # val_crop_ratio is not here: only the evaluate stage's key has it (nothing else reads
+    # validation images to make its output).
     return h.hexdigest()
 
 

@@ -6,7 +6,8 @@ fingerprint) from a *listing*, and decodes pixels only on request:
 * ``split("val")`` decodes one split (evaluate needs the validation set, never training
   images; squeeze needs both);
 * ``class_images(c, order, count)`` decodes ``count`` readable images of class ``c``, taken
-  in ``order`` (select decodes only the m candidates of each class in its block).
+  in ``order`` (select decodes only the m candidates of each class in its block);
+  ``class_originals`` the same at their stored sizes (select's ``full_resolution``).
 
 ImageFolder data is listed once per driver (:func:`list_data`); the listing travels to the
 workers as an Arrow *index* shard under ``<output>/index/<fingerprint>.arrow`` (path, label,
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,7 +178,7 @@ class DataSource:
             return ImageSet(whole.images[share], whole.labels[share], whole.classes,
                             whole.skipped if rank == 0 else [])
         files = self.listing.files[name][rank::world]
-        images, skipped = self._decode(files)
+        images, skipped = self._decode(files, self._crop_ratio(name))
         bad = {s["path"] for s in skipped}
         labels = torch.tensor([f.label for f in files if f.uri not in bad], dtype=torch.long)
         return ImageSet(images, labels, self.classes, skipped)
@@ -189,7 +190,8 @@ class DataSource:
 
     def stream(self, split: str) -> StreamedSplit:
         """The split as a stream: decoded batch by batch by DataLoader workers."""
-        return StreamedSplit(self.cfg, list(self.listing.files[split]), self.classes)
+        return StreamedSplit(self.cfg, list(self.listing.files[split]), self.classes,
+                             self._crop_ratio(split))
 
     def class_size(self, label: int) -> int:
         """Listed training images of class ``label`` (readable or not)."""
@@ -202,6 +204,26 @@ class DataSource:
         positions ``order`` (into its listing), skipping unreadable ones, in that order."""
         if self.cfg.kind != "imagefolder":
             return self._in_memory()[0].class_images(label, order, count)
+        out = self._first_readable(label, order, count, lambda fs: list(self._decode(fs)[0]))
+        if not out:
+            c, s = self.cfg.channels, self.cfg.resolution
+            return torch.empty((0, c, s, s), dtype=torch.uint8)
+        return torch.stack(out)
+
+    def class_originals(self, label: int, order: Sequence[int],
+                        count: int) -> list[torch.Tensor]:
+        """As :meth:`class_images`, but each image uint8 ``[C, H, W]`` at its stored size
+        (ImageFolder; see ``fadrm.data._decode_original``). IDX data is held in memory at
+        the resolution: its images are those of :meth:`class_images`."""
+        if self.cfg.kind != "imagefolder":
+            return list(self._in_memory()[0].class_images(label, order, count))
+        threads = _decode_threads(self.cfg.root)
+        return self._first_readable(
+            label, order, count, lambda fs: fdata.decode_originals(fs, self.cfg, threads)[0])
+
+    def _first_readable(self, label: int, order: Sequence[int], count: int,
+                        decode: Callable[[list], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The first ``count`` readable files of class ``label`` in ``order``, decoded."""
         files = self._class_files(label)
         out: list[torch.Tensor] = []
         order = list(order)
@@ -210,12 +232,8 @@ class DataSource:
             # Decode just what is still missing; an unreadable file makes room for the next.
             batch = [files[i] for i in order[start:start + count - len(out)]]
             start += len(batch)
-            images, _ = self._decode(batch)
-            out.extend(images)
-        if not out:
-            c, s = self.cfg.channels, self.cfg.resolution
-            return torch.empty((0, c, s, s), dtype=torch.uint8)
-        return torch.stack(out)
+            out += decode(batch)
+        return out
 
     def _class_files(self, label: int) -> list:
         cache = self.__dict__.setdefault("_by_class", {})
@@ -224,16 +242,21 @@ class DataSource:
                 cache.setdefault(f.label, []).append(f)
         return cache.get(label, [])
 
-    def _decode(self, files: list) -> tuple[torch.Tensor, list[dict]]:
+    def _crop_ratio(self, split: str) -> float | None:
+        """Validation images may be decoded with the evaluation transform (val_crop_ratio)."""
+        return self.cfg.val_crop_ratio if split == "val" else None
+
+    def _decode(self, files: list,
+                crop_ratio: float | None = None) -> tuple[torch.Tensor, list[dict]]:
         threads = _decode_threads(self.cfg.root)
-        return fdata.decode_files(files, self.cfg, None, threads)
+        return fdata.decode_files(files, self.cfg, None, threads, crop_ratio)
 
 
 class _FileDataset(torch.utils.data.Dataset):
     """Item i = (uint8 [C, H, W] or None when unreadable, label) of file i of a listing."""
 
-    def __init__(self, cfg: DataConfig, files: list):
-        self.cfg, self.files = cfg, files
+    def __init__(self, cfg: DataConfig, files: list, crop_ratio: float | None = None):
+        self.cfg, self.files, self.crop_ratio = cfg, files, crop_ratio
         self.mode = "RGB" if cfg.channels == 3 else "L"
 
     def __len__(self) -> int:
@@ -242,7 +265,8 @@ class _FileDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         f = self.files[i]
         try:
-            arr = torch.from_numpy(fdata._decode(f, self.cfg.resolution, self.mode))
+            arr = torch.from_numpy(fdata._decode(f, self.cfg.resolution, self.mode,
+                                                 self.crop_ratio))
         except Exception as exc:  # noqa: BLE001 - PIL's many error types: skip the file
             log.warning("skipping unreadable image %s: %s", f.uri, exc)
             return None, f.label
@@ -261,8 +285,10 @@ class StreamedSplit:
     on demand by torch DataLoader worker processes (parallel decoding, prefetched while
     the model trains). Batches are given by index, so a caller's sampling is unchanged."""
 
-    def __init__(self, cfg: DataConfig, files: list, classes: list[str]):
+    def __init__(self, cfg: DataConfig, files: list, classes: list[str],
+                 crop_ratio: float | None = None):
         self.cfg, self.files, self.classes = cfg, files, classes
+        self.crop_ratio = crop_ratio
         self.labels = torch.tensor([f.label for f in files], dtype=torch.long)
         self.skipped: list[dict] = []
 
@@ -278,7 +304,7 @@ class StreamedSplit:
         if workers is None:
             workers = max(1, min(8, (os.cpu_count() or 2) - 1))
         loader = torch.utils.data.DataLoader(
-            _FileDataset(self.cfg, self.files), batch_sampler=index_batches,
+            _FileDataset(self.cfg, self.files, self.crop_ratio), batch_sampler=index_batches,
             collate_fn=_stack_readable, num_workers=workers, prefetch_factor=4,
             persistent_workers=False)
         yield from loader

@@ -8,6 +8,7 @@ recomputed by any worker on any attempt and produce the same bytes.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -63,20 +64,54 @@ def score_realism(
     return torch.cat(scores)
 
 
-def _random_square_boxes(
-    count: int, height: int, width: int, scale: list[float], generator: torch.Generator
-) -> torch.Tensor:
-    """RandomResizedCrop boxes with aspect ratio 1: ``[count, 4]`` as (x0, y0, x1, y1).
+_BOX_TRIES = 10  # torchvision's RandomResizedCrop tries this often before its centre crop
 
-    The area fraction is uniform in ``scale``; sides and offsets are whole pixels, so a box
-    is an exact pixel crop.
+
+def _random_boxes(
+    sizes: torch.Tensor, scale: list[float], ratio: list[float], generator: torch.Generator
+) -> torch.Tensor:
+    """One RandomResizedCrop box per row of ``sizes`` (``[n, 2]`` as (H, W) of the image it
+    is cut from): ``[n, 4]`` as (x0, y0, x1, y1).
+
+    torchvision's sampling: area fraction uniform in ``scale``, aspect ratio (w / h)
+    log-uniform in ``ratio``; a box that does not fit is drawn again (up to 10 tries), then
+    falls back to the centre crop of the image clamped to ``ratio``. Sides and offsets are
+    whole pixels, so a box is an exact pixel crop. Draws are vectorised in a fixed order
+    (areas, ratios when the range is not one value, redraws, rows, columns): with square
+    images and ``ratio`` [1, 1] nothing is redrawn, which keeps the boxes (and the bytes)
+    of the square-only sampler this replaced.
     """
+    n = sizes.shape[0]
+    height, width = sizes[:, 0].float(), sizes[:, 1].float()
     lo, hi = scale
-    area = height * width * (lo + (hi - lo) * torch.rand(count, generator=generator))
-    side = area.sqrt().round().clamp(1, min(height, width))
-    y0 = (torch.rand(count, generator=generator) * (height - side + 1)).floor()
-    x0 = (torch.rand(count, generator=generator) * (width - side + 1)).floor()
-    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+
+    def draw(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        area = height[rows] * width[rows] * (
+            lo + (hi - lo) * torch.rand(len(rows), generator=generator))
+        aspect = torch.full_like(area, ratio[0]) if log_lo == log_hi else torch.exp(
+            log_lo + (log_hi - log_lo) * torch.rand(len(rows), generator=generator))
+        return ((area * aspect).sqrt().round().clamp(min=1),
+                (area / aspect).sqrt().round().clamp(min=1))
+
+    w, h = draw(torch.arange(n))
+    for _ in range(_BOX_TRIES - 1):
+        misfit = ((w > width) | (h > height)).nonzero().flatten()
+        if len(misfit) == 0:
+            break
+        w[misfit], h[misfit] = draw(misfit)
+    y0 = (torch.rand(n, generator=generator) * (height - h + 1)).floor()
+    x0 = (torch.rand(n, generator=generator) * (width - w + 1)).floor()
+    misfit = (w > width) | (h > height)
+    if misfit.any():  # torchvision's fallback: the centre crop, its ratio clamped to range
+        fw, fh = width[misfit], height[misfit]
+        shape = fw / fh
+        fw, fh = (torch.where(shape > ratio[1], (fh * ratio[1]).round(), fw),
+                  torch.where(shape < ratio[0], (fw / ratio[0]).round(), fh))
+        w[misfit], h[misfit] = fw, fh
+        y0[misfit] = ((height[misfit] - fh) / 2).floor()
+        x0[misfit] = ((width[misfit] - fw) / 2).floor()
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
 
 
 def _crop_resize(
@@ -92,6 +127,35 @@ def _crop_resize(
     rois = rois.to(images.device, images.dtype)
     return roi_align(images, rois, (side, side), spatial_scale=1.0, sampling_ratio=-1,
                      aligned=True)
+
+
+def _crop_images(
+    images: list[torch.Tensor], image_index: torch.Tensor, boxes: torch.Tensor, side: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """:func:`_crop_resize` of uint8 ``[C, H, W]`` images that may differ in size (box ``i``
+    is cut from ``images[image_index[i]]``): float ``[n, C, side, side]`` in [0, 1].
+
+    Images of one size share one roi_align call; no padding, so every crop is exactly what
+    it would be on its own image.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(j)
+    out: torch.Tensor | None = None
+    for members in groups.values():
+        src = torch.stack([images[j] for j in members]).to(device).float().div_(255.0)
+        if len(groups) == 1:
+            return _crop_resize(src, image_index, boxes, side)
+        local = torch.full((len(images),), -1, dtype=torch.long)
+        local[members] = torch.arange(len(members))
+        rows = (local[image_index] >= 0).nonzero().flatten()
+        part = _crop_resize(src, local[image_index[rows]], boxes[rows], side)
+        if out is None:
+            out = part.new_empty((len(boxes), *part.shape[1:]))
+        out[rows.to(out.device)] = part
+    assert out is not None, "no images to crop"
+    return out
 
 
 def _stitch(patches: torch.Tensor, factor: int, size: int) -> torch.Tensor:
@@ -177,15 +241,21 @@ def _select_class(
             f"(ipc {ipc} x factor^2 {cfg.factor**2})"
         )
     gen = class_generator(seed, class_id, "select")
-    # Only the m candidates are decoded (a source may be a whole data set on storage).
-    candidates = train.class_images(class_id, torch.randperm(pool_size, generator=gen).tolist(),
-                                    num)
-    if candidates.shape[0] < need:
+    # Only the m candidates are decoded (a source may be a whole data set on storage): at
+    # their stored sizes with full_resolution (the boxes are drawn on each original, so a
+    # patch may lie outside the centre square and small patches keep their detail), else
+    # the resolution x resolution centre squares.
+    order = torch.randperm(pool_size, generator=gen).tolist()
+    candidates = (train.class_originals(class_id, order, num) if cfg.full_resolution
+                  else list(train.class_images(class_id, order, num)))
+    if len(candidates) < need:
         raise DataError(
-            f"select_patches: {_class_name(train, class_id)} has only {candidates.shape[0]} "
+            f"select_patches: {_class_name(train, class_id)} has only {len(candidates)} "
             f"readable images but needs {need} (ipc {ipc} x factor^2 {cfg.factor**2})")
-    num = candidates.shape[0]
-    boxes = _random_square_boxes(num * crops, size, size, cfg.crop_scale, gen)
+    num = len(candidates)
+    sizes = torch.tensor([tuple(c.shape[-2:]) for c in candidates], dtype=torch.long)
+    boxes = _random_boxes(sizes.repeat_interleave(crops, dim=0), cfg.crop_scale,
+                          cfg.crop_ratio, gen)
     crop_image = torch.arange(num).repeat_interleave(crops)
 
     # Score in chunks of whole images so memory stays bounded by the batch size; patches are
@@ -194,9 +264,9 @@ def _select_class(
     per_chunk = max(1, cfg.batch_size // crops)
     for start in range(0, num, per_chunk):
         stop = min(num, start + per_chunk)
-        src = candidates[start:stop].to(device).float().div_(255.0)
         rows = slice(start * crops, stop * crops)
-        patches = _crop_resize(src, crop_image[rows] - start, boxes[rows], side)
+        patches = _crop_images(candidates[start:stop], crop_image[rows] - start, boxes[rows],
+                               side, device)
         labels = torch.full((patches.shape[0],), class_id, dtype=torch.long)
         scores[rows] = score_realism(
             teacher, normalize(patches, mean, std), labels, size, cfg.batch_size, device
@@ -204,9 +274,12 @@ def _select_class(
 
     best_score, best_crop = scores.view(num, crops).max(dim=1)
     ranked = torch.argsort(best_score, descending=True, stable=True)[:need]
-    src = candidates[ranked].to(device).float().div_(255.0)
-    winners = _crop_resize(src, torch.arange(need), boxes[ranked * crops + best_crop[ranked]],
-                           side)
+    winner_boxes = boxes[ranked * crops + best_crop[ranked]]
+    winners = torch.cat([  # in chunks, like scoring: originals can be large
+        _crop_images([candidates[i] for i in ranked[s:s + per_chunk].tolist()],
+                     torch.arange(min(per_chunk, need - s)), winner_boxes[s:s + per_chunk],
+                     side, device)
+        for s in range(0, need, per_chunk)])
     return _to_uint8(_stitch(winners, cfg.factor, size)).cpu()
 
 

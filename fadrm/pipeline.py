@@ -149,8 +149,12 @@ def _load_teacher(plan: "RunPlan", index: int, device: torch.device) -> torch.nn
     model = _teacher_model(plan, index)
     uri = plan.teacher_uri(index)
     if uri is not None:
-        # One read (none when the plan holds the bytes): it returns the bytes' sha256.
-        digest = load_weights(model, uri, plan.teacher_bytes(index))
+        # One read per process: the plan keeps the bytes, so the next stage of a shared
+        # worker group (recover, then relabel, then evaluate) loads from memory.
+        data = plan.teacher_bytes(index)
+        if data is None:
+            data = plan._weights[index] = storage.read_bytes(uri)
+        digest = load_weights(model, uri, data)  # returns the bytes' sha256
         expected = plan.teacher_sha256(index)
         if expected is not None and digest != expected:
             raise shards.ShardCorruptError(
@@ -418,6 +422,19 @@ class EvaluateStage(Stage):
         shards.write_artifact(self.unit_uri(unit), _json_bytes(metrics))
 
 
+def _select_key(cfg: RunConfig) -> dict:
+    """The select settings that can change its bytes. Settings added later appear only
+    where they matter, so the outputs of older configs stay valid: square patches
+    (``crop_ratio`` [1, 1]) are what select always cut, and IDX images are stored at the
+    resolution, so ``full_resolution`` changes nothing for them."""
+    out = dataclasses.asdict(cfg.select)
+    if [float(x) for x in out["crop_ratio"]] == [1.0, 1.0]:
+        del out["crop_ratio"]
+    if cfg.data.kind == "idx":
+        del out["full_resolution"]
+    return out
+
+
 def _json_bytes(obj: Any) -> bytes:
     import json
 
@@ -496,7 +513,7 @@ class RunPlan:
             comp = {"init": spec.init, "ipc": cfg.ipc, "seed": cfg.seed, "data": self._data,
                     "block_size": self.block_size, "version": __version__}
             if spec.init == "patches":
-                comp["select"] = dataclasses.asdict(cfg.select)
+                comp["select"] = _select_key(cfg)
                 comp["teacher"] = self._teacher_fp[cfg.select.teacher]
             self.select = SelectStage(self, StageKey("select", comp))
 
@@ -520,12 +537,15 @@ class RunPlan:
                          for i in cfg.relabel_teachers],
             "seed": cfg.seed, "data": self._data, "version": __version__,
         }))
-        self.evaluate = EvaluateStage(self, StageKey("evaluate", {
+        evaluate = {
             "student": dataclasses.asdict(cfg.student),
             "relabel": self.relabel.key.key,
             "teachers": self._teacher_fp,
             "data": self._data, "max_val": d.max_val, "seed": cfg.seed, "version": __version__,
-        }))
+        }
+        if d.val_crop_ratio is not None:  # only when set: older configs keep their keys
+            evaluate["val_crop_ratio"] = d.val_crop_ratio
+        self.evaluate = EvaluateStage(self, StageKey("evaluate", evaluate))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

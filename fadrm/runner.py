@@ -21,8 +21,8 @@ from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress, latest_dir, re
 from fadrm.preflight import preflight
 from fadrm.report import point_latest, write_report
 
-__all__ = ["EXECUTORS", "create_executor", "run_config", "run_pipeline", "repair_outputs",
-           "print_summary"]
+__all__ = ["EXECUTORS", "StageClock", "create_executor", "run_config", "run_pipeline",
+           "repair_outputs", "print_summary"]
 
 log = logging.getLogger("fadrm.pipeline")
 
@@ -104,6 +104,40 @@ def repair_outputs(plan: RunPlan, full: bool = True) -> list[dict]:
     return damaged
 
 
+class StageClock:
+    """Times the stages of a run as an executor starts and ends them, with their progress.
+
+    An executor that runs several stages at once (one worker group for all) calls
+    ``begin`` and ``end`` as each stage starts and finishes; ``end`` checks that every unit
+    is in storage and records the stage's seconds beside its outputs.
+    """
+
+    def __init__(self, timings: dict[str, float | None], show_progress: bool = True):
+        self.timings, self.show_progress = timings, show_progress
+        self._start: dict[str, float] = {}
+        self._pending: dict[str, int] = {}
+
+    def begin(self, stage, pending: list[str]) -> StageProgress:
+        label = stage.label
+        log.info("%s: %d of %d units to do (key %s)", label, len(pending), len(stage.units()),
+                 stage.key.key)
+        self._start[label], self._pending[label] = time.perf_counter(), len(pending)
+        return StageProgress(label, len(pending), enabled=self.show_progress)
+
+    def end(self, stage) -> None:
+        label = stage.label
+        missing = stage.pending()
+        if missing:
+            raise RuntimeError(f"{label}: {len(missing)} units still missing after the stage "
+                               f"ran: {missing[:5]}")
+        seconds = round(time.perf_counter() - self._start[label], 2)
+        count = self._pending[label]
+        stage.record_seconds(seconds, count)
+        self.timings[label] = seconds
+        log.info("%s: %d units in %.1f s (%.2f units/s)", label, count, seconds,
+                 count / max(seconds, 1e-9))
+
+
 def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> dict:
     """Run every stage that is not complete, then write the run report. Returns metrics.
 
@@ -129,30 +163,26 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
             return shards.read_json(storage.join(plan.run_dir, "metrics.json"))
     timings: dict[str, float | None] = {}
     cached: list[str] = []
+    work = []
     for stage in plan.stages:
-        label = stage.label
-        pending = todo[label]
-        if not pending:
+        if todo[stage.label]:
+            work.append((stage, todo[stage.label]))
+        else:
             # Reused: reported as cached, with the time it took when it was computed.
-            timings[label] = stage.recorded_seconds()
-            cached.append(label)
-            log.info("%s: up to date (%s), cached", label, stage.key.key)
-            continue
-        total = len(stage.units())
-        log.info("%s: %d of %d units to do (key %s)", label, len(pending), total, stage.key.key)
-        start = time.perf_counter()
-        progress = StageProgress(label, len(pending), enabled=show_progress)
-        try:
-            executor.run_stage(stage, pending, progress)
-        finally:
-            progress.close()
-        missing = stage.pending()
-        if missing:
-            raise RuntimeError(f"{label}: {len(missing)} units still missing after the stage "
-                               f"ran: {missing[:5]}")
-        seconds = round(time.perf_counter() - start, 2)
-        stage.record_seconds(seconds, len(pending))
-        timings[label] = seconds
-        log.info("%s: %d units in %.1f s (%.2f units/s)", label, len(pending), seconds,
-                 len(pending) / max(seconds, 1e-9))
+            timings[stage.label] = stage.recorded_seconds()
+            cached.append(stage.label)
+            log.info("%s: up to date (%s), cached", stage.label, stage.key.key)
+    clock = StageClock(timings, show_progress)
+    run_stages = getattr(executor, "run_stages", None)
+    if run_stages is not None:
+        run_stages(work, clock)  # e.g. one Ray Train worker group for all of them
+    else:
+        for stage, pending in work:
+            progress = clock.begin(stage, pending)
+            try:
+                executor.run_stage(stage, pending, progress)
+            finally:
+                progress.close()
+            clock.end(stage)
+    timings = {s.label: timings[s.label] for s in plan.stages}  # the plan's order
     return write_report(plan, timings, damaged, cached)

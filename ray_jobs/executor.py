@@ -89,59 +89,91 @@ class UnitQueue:
         """Record a deterministic (bad-input) failure: no unit is handed out after it."""
         if self.failure is None:
             self.failure = message
+        async with self.changed:
+            self.changed.notify_all()
 
-    async def state(self) -> tuple[float, bool, str | None]:
-        """(units done incl. fractions, whether a worker group has started, failure)."""
+    async def todo(self) -> list[str]:
+        """Units not finished yet (pending, then any in flight), in the stage's order."""
+        return [*self.pending, *sorted(self.in_flight)]
+
+    async def state(self) -> tuple[float, bool, str | None, int]:
+        """(units done incl. fractions, whether a worker group has started, failure,
+        units finished: their outputs are in storage)."""
         done = len(self.done) + sum(self.inner.values())
-        return done, self.generation is not None, self.failure
+        return done, self.generation is not None, self.failure, len(self.done)
 
     async def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     async def wait_done(self, count: int) -> list[str]:
-        """Block until at least ``count`` units are finished; returns the finished ones."""
+        """Block until at least ``count`` units are finished (or a worker recorded a bad
+        input); returns the finished ones."""
         async with self.changed:
-            await self.changed.wait_for(lambda: len(self.done) >= count)
+            await self.changed.wait_for(
+                lambda: len(self.done) >= count or self.failure is not None)
         return sorted(self.done)
 
 
 def _worker_loop(config: dict) -> None:
+    """One worker of the group: the stages in order, each to its end on every worker.
+
+    A stage is over for a worker once every unit of it is finished by *some* worker (its
+    queue says so); only then does the next stage start, whose units read the outputs of
+    this one. A restarted group (a lost worker, an elastic resize) runs the same function
+    again: stages whose units are all done pass at once, and the stage that was running
+    resumes with the units its queue still holds.
+    """
     import ray.train
     import ray.train.collective
     import ray.train.torch
 
     from fadrm import storage
 
-    stage: Stage = config["stage"]
-    queue = config["queue"]
-    storage.configure(stage.cfg.storage.endpoint_url, stage.cfg.storage.region)
+    parts: list[tuple[Stage, object, int]] = config["stages"]
+    cfg = parts[0][0].cfg
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     generation = ray.train.collective.broadcast_from_rank_zero(uuid.uuid4().hex)
-    ray.get(queue.enter.remote(generation))
     ctx = WorkerContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
-
-    if stage.collective:
-        # Every rank sets up, then all learn together whether one met a bad input (a rank
-        # that returned early would leave the others waiting in a collective forever).
-        try:
-            state = stage.setup(ctx)
-        except InputError as exc:
-            ray.get(queue.fail.remote(str(exc)))
-        ray.train.collective.barrier()
+    for stage, queue, total in parts:
+        ray.get(queue.enter.remote(generation))
+        run = _collective_part if stage.collective else _unit_part
+        run(stage, queue, generation, ctx)
+        # Every unit finished (by any worker), or a bad input recorded: then all stop.
+        ray.get(queue.wait_done.remote(total))
         if ray.get(queue.state.remote())[2] is not None:
             return
-        for unit in config["units"]:
-            if rank == 0:
-                ctx.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
-                ray.get(queue.next.remote(generation))
-            stage.run_unit(state, unit, ctx)
-            ray.train.collective.barrier()
-            if rank == 0:
-                ray.get(queue.finish.remote(unit))
-        return
 
+
+def _collective_part(stage: Stage, queue, generation: str, ctx: WorkerContext) -> None:
+    """A stage that all ranks run together (DDP): its units one after the other."""
+    import ray.train.collective
+
+    # Every rank sets up, then all learn together whether one met a bad input (a rank
+    # that returned early would leave the others waiting in a collective forever).
+    try:
+        state = stage.setup(ctx)
+    except InputError as exc:
+        ray.get(queue.fail.remote(str(exc)))
+    ray.train.collective.barrier()
+    if ray.get(queue.state.remote())[2] is not None:
+        return
+    # What is left (all ranks agree: rank 0's view); a restarted group skips done units.
+    units = ray.train.collective.broadcast_from_rank_zero(ray.get(queue.todo.remote()))
+    for unit in units:
+        if ctx.rank == 0:
+            ctx.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
+            ray.get(queue.next.remote(generation))
+        stage.run_unit(state, unit, ctx)
+        ray.train.collective.barrier()
+        if ctx.rank == 0:
+            ray.get(queue.finish.remote(unit))
+
+
+def _unit_part(stage: Stage, queue, generation: str, ctx: WorkerContext) -> None:
+    """A stage of independent units: take the next one until the queue is empty."""
     state = None
     try:
         while (unit := ray.get(queue.next.remote(generation))) is not None:
@@ -240,6 +272,24 @@ class RayTrainExecutor:
         return ray.cluster_resources().get("GPU", 0) > 0
 
     def run_stage(self, stage: Stage, pending: list[str], progress: StageProgress) -> None:
+        """One stage on a worker group of its own."""
+        self._run_group([(stage, pending)], _OneStage(progress))
+
+    def run_stages(self, work: list[tuple[Stage, list[str]]], clock) -> None:
+        """The run's stages (each with its pending units), in order.
+
+        ``execution.worker_group: shared`` (default): one worker group runs them all, so
+        workers start (and pods are scheduled) once, not once per stage.
+        ``per_stage``: a group per stage. ``clock`` (:class:`fadrm.runner.StageClock`) is
+        told when each stage begins and ends.
+        """
+        if not work:
+            return
+        groups = [work] if self.exe.worker_group == "shared" else [[w] for w in work]
+        for group in groups:
+            self._run_group(group, clock)
+
+    def _run_group(self, work: list[tuple[Stage, list[str]]], clock) -> None:
         # Connect only when there is work: an up-to-date re-run never starts Ray.
         connect(self.exe.address, self.exe.threads_per_worker, self.exe.max_workers)
         if self.exe.use_gpu and not self.exe.address and not os.environ.get("RAY_ADDRESS") \
@@ -248,14 +298,19 @@ class RayTrainExecutor:
             raise InputError("execution.use_gpu: is true but this machine has no GPU that Ray "
                              "can see (embedded local Ray); set it to false or null, or give "
                              "execution.address of a cluster with GPUs")
-        # The queue lives on the driver's node: losing a worker node must never lose the
-        # queue (the driver's own node going away ends the job anyway).
+        # The queues live on the driver's node: losing a worker node must never lose them
+        # (the driver's own node going away ends the job anyway).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        queue = UnitQueue.options(scheduling_strategy=here).remote(pending)
-        if self.on_queue is not None:
-            self.on_queue(stage, queue)
+        queues = []
+        for stage, pending in work:
+            queues.append(UnitQueue.options(scheduling_strategy=here).remote(pending))
+            if self.on_queue is not None:
+                self.on_queue(stage, queues[-1])
         # More workers than units would only idle; collective stages use the full range.
-        hi = self.exe.max_workers if stage.collective else min(self.exe.max_workers, len(pending))
+        if any(stage.collective for stage, _ in work):
+            hi = self.exe.max_workers
+        else:
+            hi = min(self.exe.max_workers, max(len(pending) for _, pending in work))
         lo = min(self.exe.min_workers, hi)
         num_workers = hi if lo == hi else (lo, hi)
         if self.exe.worker_start_timeout_s is not None:
@@ -266,14 +321,19 @@ class RayTrainExecutor:
         resources = {"CPU": self.exe.threads_per_worker}
         if use_gpu:
             resources["GPU"] = 1
+        first = work[0][0]
+        name = first.name if len(work) == 1 else f"{first.name}-to-{work[-1][0].name}"
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"stage": stage, "queue": queue, "units": pending,
-                               "threads": self.exe.threads_per_worker},
+            train_loop_config={
+                "stages": [(stage, queue, len(pending))
+                           for (stage, pending), queue in zip(work, queues)],
+                "threads": self.exe.threads_per_worker,
+            },
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(
-                name=f"fadrm-{stage.name}-{stage.key.key}-{uuid.uuid4().hex[:6]}",
+                name=f"fadrm-{name}-{first.key.key}-{uuid.uuid4().hex[:6]}",
                 storage_path=self.storage_path,
                 failure_config=FailureConfig(max_failures=self.exe.max_failures),
                 # Ray Train's worker-group bookkeeping at INFO drowns the stage progress;
@@ -281,13 +341,19 @@ class RayTrainExecutor:
                 logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
-        self._fit(trainer, stage, queue, progress, num_workers, resources)
+        try:
+            self._fit(trainer, work, queues, clock, num_workers, resources)
+        finally:
+            if ray.is_initialized():  # not after a Ctrl-C or a wait that ran out
+                for queue in queues:
+                    ray.kill(queue)
 
-    def _fit(self, trainer, stage: Stage, queue, progress: StageProgress, num_workers,
-             resources: dict) -> None:
-        """``trainer.fit()`` in a thread; this thread shows progress, reports (and bounds)
-        waiting for workers, and turns Ctrl-C into a prompt stop."""
-        label = stage.label
+    def _fit(self, trainer, work: list[tuple[Stage, list[str]]], queues: list, clock,
+             num_workers, resources: dict) -> None:
+        """``trainer.fit()`` in a thread; this thread follows the stages one by one (their
+        progress, begin and end), reports (and bounds) waiting for workers, and turns
+        Ctrl-C into a prompt stop."""
+        label = work[0][0].label  # the group starts with this stage
         outcome: dict[str, BaseException] = {}
 
         def fit() -> None:
@@ -296,26 +362,49 @@ class RayTrainExecutor:
             except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
                 outcome["error"] = exc
 
-        runner = threading.Thread(target=fit, name=f"fadrm-{stage.name}-fit", daemon=True)
+        runner = threading.Thread(target=fit, name=f"fadrm-{work[0][0].name}-fit", daemon=True)
         limit = self.exe.resource_wait_s
         every = _WAIT_NOTE_S if limit is None else min(_WAIT_NOTE_S, limit / 4)
         start = time.monotonic()
         next_note = start + every
         started = False
-        failure = None
+        current = 0  # index of the stage being followed
+        failed = None
+        progress = clock.begin(*work[0])
         runner.start()
         try:
-            while runner.is_alive():
-                runner.join(0.5)
-                was_started = started
+            while True:
+                alive = runner.is_alive()
+                if alive:
+                    runner.join(0.5)
+                stage, pending = work[current]
                 try:
-                    done, started, failure = ray.get(queue.state.remote(), timeout=5)
-                    progress.update(done)
-                except Exception:  # noqa: BLE001 - display only
-                    pass
-                if started and not was_started:
-                    log.info("%s: workers started after %.0f s", label,
-                             time.monotonic() - start)
+                    done, now_started, failure, finished = ray.get(
+                        queues[current].state.remote(), timeout=5)
+                except Exception:  # noqa: BLE001 - display only; the fit thread decides
+                    done, now_started, failure, finished = progress.done, started, None, 0
+                progress.update(done)
+                if failure is not None:
+                    # Every worker stops at a recorded bad input; the group ends by itself.
+                    failed = f"{stage.label}: {failure}"
+                    break
+                if current == 0 and now_started and not started:
+                    rest = (f" (the same group runs the next {len(work) - 1} stages)"
+                            if len(work) > 1 else "")
+                    log.info("%s: workers started after %.0f s%s", label,
+                             time.monotonic() - start, rest)
+                started = started or now_started
+                if finished >= len(pending):
+                    # This stage is complete; the next one (if any) starts on the same group.
+                    progress.close()
+                    clock.end(stage)
+                    current += 1
+                    if current == len(work):
+                        break
+                    progress = clock.begin(*work[current])
+                    continue
+                if not alive:
+                    break
                 now = time.monotonic()
                 if not started and now >= next_note:
                     # Through logging, so a progress bar on the terminal stays intact.
@@ -327,15 +416,31 @@ class RayTrainExecutor:
                         f"execution.resource_wait_s={limit:g} s "
                         f"({_ask(num_workers, resources)}); add nodes or raise that limit")
         except BaseException:
+            progress.close()
             _abandon(runner)
             raise
-        done, started, failure = ray.get(queue.state.remote())
-        progress.update(done)
-        ray.kill(queue)
-        if failure is not None:
-            raise InputError(f"{label}: {failure}")
+        runner.join()
+        progress.close()
+        if failed is not None:
+            raise InputError(failed)
         if "error" in outcome:
-            raise _unwrap(outcome["error"], label) from outcome["error"]
+            raise _unwrap(outcome["error"], work[min(current, len(work) - 1)][0].label) \
+                from outcome["error"]
+        if current < len(work):
+            clock.end(work[current][0])  # raises: units missing after the group ended
+
+
+class _OneStage:
+    """A clock for one stage whose progress the caller made (``run_stage``)."""
+
+    def __init__(self, progress: StageProgress):
+        self.progress = progress
+
+    def begin(self, stage: Stage, pending: list[str]) -> StageProgress:
+        return self.progress
+
+    def end(self, stage: Stage) -> None:
+        pass
 
 
 # The driver says once a minute what a stage waits for, while it waits.

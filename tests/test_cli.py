@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,8 @@ def test_demo_with_another_method_names_each_report(monkeypatch, tmp_path, capsy
     assert [(c.name, c.recover.method) for c in ran] == [("demo-random-real", "random-real"),
                                                          ("demo-rded", "rded")]
     assert "RDED + soft labels" in out and "FADRM" not in out
+    # The margin the user came for, computed from the two runs (81 and 82 %).
+    assert re.search(r"RDED over random-real +\+1\.00 points \(seed 0;", out), out
     assert f"{tmp_path}/runs/demo-rded/" in out and f"{tmp_path}/runs/demo-fadrm" not in out
     ran.clear()
     assert main(["demo", "--output", str(tmp_path), "--executor", "local"]) == 0

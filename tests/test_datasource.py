@@ -1,6 +1,6 @@
 """Stages decode only what they use (issue: ImageNet-scale data access).
 
-Decodes are counted at the one place pixels come from (``fadrm.data._decode``), on small
+Decodes are counted at the one place pixels come from (``fadrm.data._open``), on small
 synthetic ImageFolder trees written here.
 """
 
@@ -35,13 +35,13 @@ def _tree(root: Path, num_classes: int, per_class: int, size: int = 12) -> Path:
 @pytest.fixture
 def decodes(monkeypatch) -> list[str]:
     seen: list[str] = []
-    original = fdata._decode
+    original = fdata._open
 
-    def counting(file, size, mode):
+    def counting(file, mode, at_least):
         seen.append(file.rel)
-        return original(file, size, mode)
+        return original(file, mode, at_least)
 
-    monkeypatch.setattr(fdata, "_decode", counting)
+    monkeypatch.setattr(fdata, "_open", counting)
     return seen
 
 

@@ -1,8 +1,9 @@
 """Fault tolerance on a real multi-node Ray cluster (ray.cluster_utils.Cluster).
 
-A worker node is removed while recover (then relabel) is running, after at least one unit
-has been written. The stage must finish, and its unit outputs must be byte-identical to a
-fault-free in-process run: no unit missing, none rewritten.
+One worker group runs recover and then relabel. A worker node is removed while recover is
+running, after at least one unit has been written. Both stages must finish, and their unit
+outputs must be byte-identical to a fault-free in-process run: no unit missing, none
+rewritten.
 """
 
 import threading
@@ -35,18 +36,36 @@ def _outputs(stage) -> dict[str, bytes]:
             for u in stage.units() if shards.is_complete(stage.unit_uri(u))}
 
 
-def _run_with_node_loss(cluster, executor, stage, queues) -> dict:
-    """Run ``stage`` on the cluster; remove a worker node once one unit is done."""
+class _Clock:
+    """Records when the executor says each stage began and ended."""
+
+    def __init__(self):
+        self.events: list[tuple[str, str]] = []
+
+    def begin(self, stage, pending):
+        self.events.append(("begin", stage.name))
+        return StageProgress(stage.name, len(pending), enabled=False)
+
+    def end(self, stage):
+        assert not stage.pending(), f"{stage.name} ended with units missing"
+        self.events.append(("end", stage.name))
+
+
+def _run_with_node_loss(cluster, executor, stages, queues) -> dict:
+    """Run ``stages`` on one worker group; remove a worker node once a unit of the first
+    is done."""
     import ray
 
     errors: list[BaseException] = []
     started = threading.Event()
     queues.clear()
     queues["event"] = started
+    clock = _Clock()
+    first = stages[0]
 
     def target():
         try:
-            executor.run_stage(stage, stage.pending(), StageProgress(stage.name, 1, enabled=False))
+            executor.run_stages([(s, s.pending()) for s in stages], clock)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
             errors.append(exc)
             started.set()
@@ -55,22 +74,23 @@ def _run_with_node_loss(cluster, executor, stage, queues) -> dict:
     thread.start()
     assert started.wait(timeout=120), "the stage never created its unit queue"
     assert not errors, errors
-    # The queue sits on the driver's node, so losing a worker node cannot lose it.
+    # The queues sit on the driver's node, so losing a worker node cannot lose them.
     driver_node = ray.get_runtime_context().get_node_id()
-    assert ray.get(queues[stage.name].node_id.remote(), timeout=60) == driver_node
-    done_before = ray.get(queues[stage.name].wait_done.remote(1), timeout=300)
-    inodes = {u: Path(stage.unit_uri(u)).stat().st_ino for u in done_before}
+    assert ray.get(queues[first.name].node_id.remote(), timeout=60) == driver_node
+    done_before = ray.get(queues[first.name].wait_done.remote(1), timeout=300)
+    inodes = {u: Path(first.unit_uri(u)).stat().st_ino for u in done_before}
     victim = [n for n in cluster.worker_nodes][-1]
     cluster.remove_node(victim)
     thread.join(timeout=900)
-    assert not thread.is_alive(), "stage did not finish after the node loss"
+    assert not thread.is_alive(), "stages did not finish after the node loss"
     if errors:
         raise errors[0]
-    return {"done_before": done_before, "inodes": inodes}
+    return {"done_before": done_before, "inodes": inodes, "events": clock.events}
 
 
 @pytest.mark.slow
-def test_node_loss_during_recover_and_relabel(tmp_path, fmnist_root):
+def test_node_loss_in_a_worker_group_running_recover_and_relabel(tmp_path, fmnist_root,
+                                                                    monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -94,19 +114,32 @@ def test_node_loss_during_recover_and_relabel(tmp_path, fmnist_root):
             queues["event"].set()
 
         executor = RayTrainExecutor(plan.cfg, on_queue=on_queue)
+        # One worker group runs recover then relabel; a node is lost during recover, so
+        # the restarted (smaller) group resumes recover and goes on to relabel.
+        created = []
+        import ray_jobs.executor as ex
+
+        class CountingTrainer(ex.TorchTrainer):
+            def __init__(self, *args, **kwargs):
+                created.append(kwargs["run_config"].name)
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(ex, "TorchTrainer", CountingTrainer)
+        fault = _run_with_node_loss(cluster, executor, [plan.recover, plan.relabel], queues)
+        assert len(created) == 1, created  # one worker group (restarted inside Ray Train)
+        assert fault["events"] == [("begin", "recover"), ("end", "recover"),
+                                   ("begin", "relabel"), ("end", "relabel")]
+        assert len(fault["done_before"]) < len(plan.recover.units()), (
+            "recover: every unit finished before the node was removed; "
+            "the test did not exercise a fault")
         for stage, reference in ((plan.recover, ref.recover), (plan.relabel, ref.relabel)):
             total = len(stage.units())
-            fault = _run_with_node_loss(cluster, executor, stage, queues)
-            assert len(fault["done_before"]) < total, (
-                f"{stage.name}: every unit finished before the node was removed; "
-                "the test did not exercise a fault")
             got, want = _outputs(stage), _outputs(reference)
             assert sorted(got) == sorted(want) and len(got) == total  # none missing
             for name in want:
                 assert got[name] == want[name], f"{stage.name}: {name} differs from fault-free run"
-            for unit, inode in fault["inodes"].items():  # finished units were never rewritten
-                assert Path(stage.unit_uri(unit)).stat().st_ino == inode, unit
-            cluster.add_node(num_cpus=1)  # replace the lost node for the next stage
+        for unit, inode in fault["inodes"].items():  # finished units were never rewritten
+            assert Path(plan.recover.unit_uri(unit)).stat().st_ino == inode, unit
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -31,6 +31,7 @@ COMMON = {
     "student.weight_decay": 0.01,           # AdamW --adamw-weight-decay default
     "student.accumulation_steps": 2,        # --gradient-accumulation-steps 2
     "student.eval_every": 10,               # train_fkd.py validates every 10 epochs
+    "select.full_resolution": True,         # RDED-style crops of the stored image
     "ipc": 10,
 }
 
@@ -40,6 +41,9 @@ def row(method, teachers, px, res, iters, lr, jitter, block, epochs, batch, bn, 
         "recover.method": method,
         "teachers": teachers,
         "data.resolution": px,
+        # utils_validate.py: Resize(256) + CenterCrop(224) for the 224 px sets, the stored
+        # image (ToTensor only) for CIFAR and Tiny-ImageNet.
+        "data.val_crop_ratio": 0.875 if px == 224 else None,
         "recover.resolutions": res,
         "recover.stage_iterations": iters,
         "recover.lr": lr,
