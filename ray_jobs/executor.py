@@ -240,7 +240,10 @@ def connect(address: str | None, threads: int, max_workers: int) -> None:
         try:
             # The dashboard serves Ray's state API, which Ray Train uses to clean up after
             # its controller; it listens on 127.0.0.1 only and Ray's token auth stays on.
-            ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+            # address="local": always a new instance, never a cluster that `ray start` or
+            # another program left on this machine (ray.init() alone would join that one).
+            ray.init(address="local", num_cpus=cpus, include_dashboard=True,
+                     dashboard_host="127.0.0.1",
                      _node_ip_address="127.0.0.1",
                      runtime_env={"env_vars": {"RAY_ADDRESS": gcs_address}},
                      log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
