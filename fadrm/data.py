@@ -464,10 +464,10 @@ def _to_chw(arr: np.ndarray) -> torch.Tensor:
 
 def _decode_each(
     files: list[_File], decode: Callable[[_File], np.ndarray], threads: int,
-    progress: Progress | None,
-) -> Iterator[tuple[int, torch.Tensor | str]]:
-    """Yield ``(i, uint8 [C, H, W])`` per file, in order; an unreadable file is logged and
-    yields its error message (a str) instead."""
+    progress: Progress | None, skipped: list[dict],
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(i, uint8 [C, H, W])`` per readable file, in order; an unreadable file is
+    logged and added to ``skipped`` (its path and error) instead."""
 
     def work(f: _File) -> np.ndarray | str:
         try:
@@ -481,7 +481,7 @@ def _decode_each(
         for i, result in enumerate(pool.map(work, files)):
             if isinstance(result, str):
                 log.warning("skipping unreadable image %s: %s", files[i].uri, result)
-                yield i, result
+                skipped.append({"path": files[i].uri, "error": result})
             else:
                 yield i, _to_chw(result)
             if progress is not None:
@@ -503,12 +503,9 @@ def decode_files(
     ok = torch.zeros(len(files), dtype=torch.bool)
     skipped: list[dict] = []
     decode = lambda f: _decode(f, size, mode, crop_ratio)  # noqa: E731
-    for i, image in _decode_each(files, decode, threads, progress):
-        if isinstance(image, str):
-            skipped.append({"path": files[i].uri, "error": image})
-        else:
-            out[i] = image
-            ok[i] = True
+    for i, image in _decode_each(files, decode, threads, progress, skipped):
+        out[i] = image
+        ok[i] = True
     return out[ok], skipped
 
 
@@ -518,14 +515,9 @@ def decode_originals(
     """Decode ``files`` at their stored sizes (see :func:`_decode_original`): one uint8
     ``[C, H, W]`` per readable file, in order, and the skipped ones."""
     mode = "RGB" if cfg.channels == 3 else "L"
-    out: list[torch.Tensor] = []
     skipped: list[dict] = []
     decode = lambda f: _decode_original(f, cfg.resolution, mode)  # noqa: E731
-    for i, image in _decode_each(files, decode, threads, None):
-        if isinstance(image, str):
-            skipped.append({"path": files[i].uri, "error": image})
-        else:
-            out.append(image)
+    out = [image for _, image in _decode_each(files, decode, threads, None, skipped)]
     return out, skipped
 
 

@@ -216,7 +216,7 @@ class DataSource:
         (ImageFolder; see ``fadrm.data._decode_original``). IDX data is held in memory at
         the resolution: its images are those of :meth:`class_images`."""
         if self.cfg.kind != "imagefolder":
-            return list(self._in_memory()[0].class_images(label, order, count))
+            return self._in_memory()[0].class_originals(label, order, count)
         threads = _decode_threads(self.cfg.root)
         return self._first_readable(
             label, order, count, lambda fs: fdata.decode_originals(fs, self.cfg, threads)[0])

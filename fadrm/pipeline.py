@@ -149,12 +149,9 @@ def _load_teacher(plan: "RunPlan", index: int, device: torch.device) -> torch.nn
     model = _teacher_model(plan, index)
     uri = plan.teacher_uri(index)
     if uri is not None:
-        # One read per process: the plan keeps the bytes, so the next stage of a shared
-        # worker group (recover, then relabel, then evaluate) loads from memory.
-        data = plan.teacher_bytes(index)
-        if data is None:
-            data = plan._weights[index] = storage.read_bytes(uri)
-        digest = load_weights(model, uri, data)  # returns the bytes' sha256
+        # The plan reads the bytes once per process, so the next stage of a shared worker
+        # group (recover, then relabel, then evaluate) loads from memory.
+        digest = load_weights(model, uri, plan.teacher_bytes(index))  # returns their sha256
         expected = plan.teacher_sha256(index)
         if expected is not None and digest != expected:
             raise shards.ShardCorruptError(
@@ -564,14 +561,18 @@ class RunPlan:
         return out
 
     def teacher_bytes(self, index: int) -> bytes | None:
-        """The given weights of teacher ``index`` (read once per process, checked against
-        its pin); None for a teacher without given weights."""
+        """The weights of teacher ``index``, read once per process: given weights (checked
+        against their pin), or the ones squeeze trained (once that stage has run); None
+        for a teacher with neither (named pretrained weights)."""
         t = self.cfg.teachers[index]
-        if index not in self._weights and t.weights:
-            from fadrm.models import read_pinned
+        if index not in self._weights:
+            if t.weights:
+                from fadrm.models import read_pinned
 
-            self._weights[index] = read_pinned(t.weights, t.sha256,
-                                               f"teachers[{index}].weights")
+                self._weights[index] = read_pinned(t.weights, t.sha256,
+                                                   f"teachers[{index}].weights")
+            elif (uri := self.teacher_uri(index)) is not None:
+                self._weights[index] = storage.read_bytes(uri)
         return self._weights.get(index)
 
     def block_classes(self, block: int) -> list[int]:

@@ -51,6 +51,23 @@ def tiny_run_config(output: Path, root: Path, **overrides) -> dict:
     return cfg
 
 
+@pytest.fixture
+def worker_groups(monkeypatch) -> list[str]:
+    """The run names of the Ray Train worker groups (``TorchTrainer``s) that the executor
+    creates during the test, in order."""
+    import ray_jobs.executor as ex
+
+    names: list[str] = []
+
+    class CountingTrainer(ex.TorchTrainer):
+        def __init__(self, *args, **kwargs):
+            names.append(kwargs["run_config"].name)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "TorchTrainer", CountingTrainer)
+    return names
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

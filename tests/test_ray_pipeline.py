@@ -9,27 +9,19 @@ from tests.conftest import tiny_run_config
 
 
 @pytest.mark.slow
-def test_end_to_end_through_local_ray(tmp_path, fmnist_root, monkeypatch):
+def test_end_to_end_through_local_ray(tmp_path, fmnist_root, worker_groups):
     import ray
 
-    import ray_jobs.executor as ex
     from ray_jobs.distill import run
 
-    groups = []
-
-    class CountingTrainer(ex.TorchTrainer):
-        def __init__(self, *args, **kwargs):
-            groups.append(kwargs["run_config"].name)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(ex, "TorchTrainer", CountingTrainer)
     cfg = load_config(tiny_run_config(tmp_path, fmnist_root, ipc=3))
     try:
         metrics = run(cfg, show_progress=False)
     finally:
         ray.shutdown()
     # One worker group ran every stage (execution.worker_group: shared, the default).
-    assert len(groups) == 1 and groups[0].startswith("fadrm-squeeze-to-evaluate-"), groups
+    assert len(worker_groups) == 1, worker_groups
+    assert worker_groups[0].startswith("fadrm-squeeze-to-evaluate-"), worker_groups
     assert set(metrics["stage_seconds"]) == {"squeeze[0]", "select", "recover", "relabel",
                                              "evaluate"}
     assert all(v > 0 for v in metrics["stage_seconds"].values())
