@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from typing import NamedTuple
 
 import ray
 import torch
@@ -40,6 +41,15 @@ from fadrm.errors import InputError
 from fadrm.pipeline import Stage, StageProgress, WorkerContext
 
 log = logging.getLogger("ray_jobs.executor")
+
+
+class QueueState(NamedTuple):
+    """What a stage's queue reports to the driver and to workers."""
+
+    done: float  # units finished, plus the fractions of those in flight
+    started: bool  # a worker group has entered
+    failure: str | None  # a recorded bad input (no unit is handed out after it)
+    finished: int  # units whose outputs are in storage
 
 
 @ray.remote(num_cpus=0)
@@ -96,11 +106,9 @@ class UnitQueue:
         """Units not finished yet (pending, then any in flight), in the stage's order."""
         return [*self.pending, *sorted(self.in_flight)]
 
-    async def state(self) -> tuple[float, bool, str | None, int]:
-        """(units done incl. fractions, whether a worker group has started, failure,
-        units finished: their outputs are in storage)."""
+    async def state(self) -> QueueState:
         done = len(self.done) + sum(self.inner.values())
-        return done, self.generation is not None, self.failure, len(self.done)
+        return QueueState(done, self.generation is not None, self.failure, len(self.done))
 
     async def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -143,7 +151,7 @@ def _worker_loop(config: dict) -> None:
         run(stage, queue, generation, ctx)
         # Every unit finished (by any worker), or a bad input recorded: then all stop.
         ray.get(queue.wait_done.remote(total))
-        if ray.get(queue.state.remote())[2] is not None:
+        if ray.get(queue.state.remote()).failure is not None:
             return
 
 
@@ -158,7 +166,7 @@ def _collective_part(stage: Stage, queue, generation: str, ctx: WorkerContext) -
     except InputError as exc:
         ray.get(queue.fail.remote(str(exc)))
     ray.train.collective.barrier()
-    if ray.get(queue.state.remote())[2] is not None:
+    if ray.get(queue.state.remote()).failure is not None:
         return
     # What is left (all ranks agree: rank 0's view); a restarted group skips done units.
     units = ray.train.collective.broadcast_from_rank_zero(ray.get(queue.todo.remote()))
@@ -382,10 +390,10 @@ class RayTrainExecutor:
                     runner.join(0.5)
                 stage, pending = work[current]
                 try:
-                    done, now_started, failure, finished = ray.get(
-                        queues[current].state.remote(), timeout=5)
+                    state = ray.get(queues[current].state.remote(), timeout=5)
                 except Exception:  # noqa: BLE001 - display only; the fit thread decides
-                    done, now_started, failure, finished = progress.done, started, None, 0
+                    state = QueueState(progress.done, started, None, 0)
+                done, now_started, failure, finished = state
                 progress.update(done)
                 if failure is not None:
                     # Every worker stops at a recorded bad input; the group ends by itself.
