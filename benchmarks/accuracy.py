@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
         "work": str(args.work),
     })
     done = {(r["dataset"], r["method"], r["ipc"], r["seed"]) for r in state["runs"]}
+    # Until this invocation's selection is measured (a run stopped part-way says so).
+    state["complete"] = False
     started = time.perf_counter()
 
     def out_of_time() -> bool:
