@@ -327,7 +327,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     def stop() -> dict:
         print(f"[{NAME}] --max-minutes reached; re-run the same command to resume", flush=True)
-        state["complete"] = False
         _write(state, args_line)
         return state
 

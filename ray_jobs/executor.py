@@ -393,19 +393,18 @@ class RayTrainExecutor:
                     state = ray.get(queues[current].state.remote(), timeout=5)
                 except Exception:  # noqa: BLE001 - display only; the fit thread decides
                     state = QueueState(progress.done, started, None, 0)
-                done, now_started, failure, finished = state
-                progress.update(done)
-                if failure is not None:
+                progress.update(state.done)
+                if state.failure is not None:
                     # Every worker stops at a recorded bad input; the group ends by itself.
-                    failed = f"{stage.label}: {failure}"
+                    failed = f"{stage.label}: {state.failure}"
                     break
-                if current == 0 and now_started and not started:
+                if current == 0 and state.started and not started:
                     rest = (f" (the same group runs the next {len(work) - 1} stages)"
                             if len(work) > 1 else "")
                     log.info("%s: workers started after %.0f s%s", label,
                              time.monotonic() - start, rest)
-                started = started or now_started
-                if finished >= len(pending):
+                started = started or state.started
+                if state.finished >= len(pending):
                     # This stage is complete; the next one (if any) starts on the same group.
                     progress.close()
                     clock.end(stage)
