@@ -115,6 +115,12 @@ class DataConfig:
     same centre square as training images; r in (0, 1] -> shorter side resized to
     round(resolution / r), then a centre crop of resolution (torchvision's ImageNet
     evaluation transform, Resize(256) + CenterCrop(224) for r = 0.875)."""
+    fingerprint: str = "listing"
+    """How an ImageFolder's files enter the data fingerprint (and so every stage's key):
+    'listing' -> path, size and modification time of each file (no reads; a copied tree
+    with new mtimes counts as new data and retrains its teachers); 'content' -> path and
+    sha256 of each file's bytes (reads every file once per run: a copied or re-downloaded
+    tree with the same bytes reuses completed work). IDX files are always hashed."""
 
     def validate(self, p: str) -> None:
         if self.kind not in ("imagefolder", "idx"):
@@ -144,6 +150,9 @@ class DataConfig:
         if self.val_crop_ratio is not None and not 0 < self.val_crop_ratio <= 1:
             raise ConfigError(f"{p}.val_crop_ratio",
                               f"must be in (0, 1] (or null), got {self.val_crop_ratio}")
+        if self.fingerprint not in ("listing", "content"):
+            raise ConfigError(f"{p}.fingerprint",
+                              f"must be 'listing' or 'content', got {self.fingerprint!r}")
 
 
 @dataclass(kw_only=True)

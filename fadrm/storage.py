@@ -197,14 +197,17 @@ _digest_lock = threading.Lock()
 _digests: dict[tuple[str, int | None, int | None], str] = {}
 
 
-def file_sha256(uri: str) -> str:
+def file_sha256(uri: str, listed: tuple[int, int] | None = None) -> str:
     """sha256 of a file's bytes (local or remote, read in 1 MiB blocks), remembered in this
-    process by (uri, mtime, size), so an unchanged file is hashed once."""
+    process by (uri, mtime, size), so an unchanged file is hashed once. ``listed``: the
+    (mtime_ns, size) a directory listing already gave, which saves a stat per file."""
     fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri}: file not found")
-    key = (str(uri), info.mtime_ns, info.size)
+    if listed is None:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{uri}: file not found")
+        listed = (info.mtime_ns, info.size)
+    key = (str(uri), *listed)
     with _digest_lock:
         if key in _digests:
             return _digests[key]

@@ -271,6 +271,53 @@ def test_imagefolder_fingerprint_tracks_files_and_settings(tmp_path):
     assert data_fingerprint(cfg) != changed
 
 
+def _copy_tree_new_mtimes(src: Path, dst: Path) -> None:
+    """A copy as ``cp -r`` (no -p) or a download makes it: same bytes, new mtimes."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True)
+        else:
+            target.write_bytes(path.read_bytes())
+            st = path.stat()
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 7_000_000_000))
+
+
+def test_content_fingerprint_survives_a_copy_and_tracks_bytes(tmp_path):
+    from fadrm.datasource import list_data
+
+    make_folder(tmp_path / "a", bad_files=False)
+    _copy_tree_new_mtimes(tmp_path / "a", tmp_path / "b")
+    listing = {r: data_fingerprint(folder_cfg(tmp_path / r)) for r in "ab"}
+    content = {r: data_fingerprint(folder_cfg(tmp_path / r, fingerprint="content"))
+               for r in "ab"}
+    # Listing mode: new mtimes are new data. Content mode: the same bytes are the same data,
+    # and the mode itself is part of the digest.
+    assert listing["a"] != listing["b"]
+    assert content["a"] == content["b"] and content["a"] not in listing.values()
+    # The planner's one listing gives the same fingerprint as data_fingerprint.
+    assert list_data(folder_cfg(tmp_path / "b", fingerprint="content")).fingerprint == content["b"]
+    # One image's bytes change: so does the content fingerprint.
+    Image.new("RGB", (24, 24), (9, 9, 9)).save(tmp_path / "b" / "cat" / "img0.png")
+    assert data_fingerprint(folder_cfg(tmp_path / "b", fingerprint="content")) != content["a"]
+    with pytest.raises(ConfigError, match="data.fingerprint"):
+        data_fingerprint(folder_cfg(tmp_path / "a", fingerprint="bytes"))
+
+
+def test_content_fingerprint_is_the_same_for_a_local_tree_and_its_s3_copy(tmp_path, s3_endpoint):
+    from fadrm import storage
+
+    make_folder(tmp_path, bad_files=False)
+    for path in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
+        storage.write_bytes_atomic(f"s3://fadrm-test/copy/{path.relative_to(tmp_path)}",
+                                   path.read_bytes())
+    local = folder_cfg(tmp_path, fingerprint="content")
+    remote = folder_cfg("s3://fadrm-test/copy", fingerprint="content")
+    assert data_fingerprint(remote) == data_fingerprint(local)
+    assert (data_fingerprint(folder_cfg("s3://fadrm-test/copy"))
+            != data_fingerprint(folder_cfg(tmp_path)))
+
+
 def test_idx_fingerprint_tracks_file_content(tmp_path):
     arrays = write_idx_set(tmp_path)
     cfg = idx_cfg(tmp_path)
