@@ -270,10 +270,11 @@ def results_dir(quick: bool, given: str | Path | None = None) -> Path:
 
 DATASETS: dict[str, dict[str, Any]] = {
     # CIFAR-10 as an ImageFolder of JPEGs; 1,000 images per class held out for validation
-    # (never used for training or selection).
+    # (never used for training or selection). shared/ is copied in afresh (new mtimes) for
+    # every session, so the fingerprint hashes the bytes: teachers and stages are reused.
     "cifar10": {"kind": "imagefolder", "root": str(CIFAR10), "val_per_class": 1000,
                 "resolution": 32, "channels": 3, "mean": [0.4914, 0.4822, 0.4465],
-                "std": [0.2470, 0.2435, 0.2616]},
+                "std": [0.2470, 0.2435, 0.2616], "fingerprint": "content"},
     # Fashion-MNIST IDX files; validation = the official 10,000 test images.
     "fmnist": {"kind": "idx", "root": str(FASHION_MNIST), "resolution": 28, "channels": 1,
                "mean": [0.2860], "std": [0.3530]},
