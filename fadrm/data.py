@@ -559,31 +559,31 @@ _HASH_THREADS = 16
 object stores and network filesystems)."""
 
 
-def _content_digests(files: list[_File]) -> list[str]:
+def _content_digests(files: list[_File], tag: str) -> list[str]:
     def one(f: _File) -> str:
         try:
             return storage.file_sha256(f.uri, (f.mtime_ns, f.size))
         except OSError as e:
             raise DataError(f"{f.uri}: cannot read it for data.fingerprint=content: {e}") from e
 
+    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="fadrm-hash") as pool:
-        return list(pool.map(one, files))
+        digests = list(pool.map(one, files))
+    log.info("data.fingerprint=content: hashed %d %s files in %.1f s", len(files), tag,
+             time.monotonic() - started)
+    return digests
 
 
 def _listing_digest(scans: list[tuple[str, list[_File]]], mode: str = "listing") -> str:
     """Digest of every listed file: (path, size, mtime), or (path, sha256 of the bytes) for
     ``mode == 'content'``. The two modes give different digests for the same tree."""
-    h = hashlib.sha256(b"content\n" if mode == "content" else b"")
+    content = mode == "content"
+    h = hashlib.sha256(b"content\n" if content else b"")
     for tag, files in scans:
-        if mode == "content":
-            started = time.monotonic()
-            for f, sha in zip(files, _content_digests(files)):
-                h.update(f"{tag}\0{f.rel}\0{sha}\n".encode())
-            log.info("data.fingerprint=content: hashed %d %s files in %.1f s", len(files), tag,
-                     time.monotonic() - started)
-        else:
-            for f in files:
-                h.update(f"{tag}\0{f.rel}\0{f.size}\0{f.mtime_ns}\n".encode())
+        idents = (_content_digests(files, tag) if content
+                  else [f"{f.size}\0{f.mtime_ns}" for f in files])
+        for f, ident in zip(files, idents):
+            h.update(f"{tag}\0{f.rel}\0{ident}\n".encode())
     return h.hexdigest()
 
 
