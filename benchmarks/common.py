@@ -311,7 +311,7 @@ def cache_data_loading() -> None:
 def run_local(cfg_dict: dict, device: str = "auto") -> dict:
     """Run (or resume) one pipeline in this process; returns its metrics."""
     from fadrm.config import load_config
-    from fadrm.pipeline import LocalExecutor
+    from fadrm.executors import LocalExecutor
     from fadrm.runner import run_pipeline
 
     cache_data_loading()
@@ -326,7 +326,9 @@ def train_teachers(data: dict, teachers: list[dict], squeeze: dict, output: Path
     then passed as ``weights`` to every run, so all seeds and methods share them.
     """
     from fadrm.config import load_config
-    from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
+    from fadrm.executors import LocalExecutor
+    from fadrm.plan import RunPlan
+    from fadrm.progress import StageProgress
 
     cache_data_loading()
     cfg = load_config({"name": "teachers", "output": str(output), "seed": 0, "data": data,

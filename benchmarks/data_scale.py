@@ -73,7 +73,9 @@ import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
 from fadrm.config import load_config
-from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
+from fadrm.executors import LocalExecutor
+from fadrm.plan import RunPlan
+from fadrm.progress import StageProgress
 cfg = load_config(json.loads(sys.argv[1]))
 plan = RunPlan(cfg)
 stage = next(s for s in plan.stages if s.name == sys.argv[2])

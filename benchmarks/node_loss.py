@@ -19,7 +19,9 @@ from pathlib import Path
 
 from fadrm import shards
 from fadrm.config import load_config
-from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
+from fadrm.executors import LocalExecutor
+from fadrm.plan import RunPlan
+from fadrm.progress import StageProgress
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -107,7 +107,9 @@ def run_config(root: Path, output: Path, weights: str, select: dict, seed: int,
 def run_stages(cfg_dict: dict):
     """Run (or find done) every stage of a config in this process; returns its plan."""
     from fadrm.config import load_config
-    from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
+    from fadrm.executors import LocalExecutor
+    from fadrm.plan import RunPlan
+    from fadrm.progress import StageProgress
 
     plan = RunPlan(load_config(cfg_dict))
     plan.source.write_index(plan.cfg.output)

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from fadrm.config import RelabelConfig, load_config
-    from fadrm.pipeline import RunPlan
+    from fadrm.plan import RunPlan
 
     budget = copy.deepcopy(BUDGETS["quick" if args.quick else "cpu"])
     if args.epochs:

@@ -61,7 +61,9 @@ def run_student(cfg_dict: dict) -> dict:
     import ray
 
     from fadrm.config import load_config
-    from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
+    from fadrm.executors import LocalExecutor
+    from fadrm.plan import RunPlan
+    from fadrm.progress import StageProgress
     from ray_jobs.executor import RayTrainExecutor
 
     cfg = load_config(cfg_dict)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from fadrm.errors import InputError
+from fadrm.methods.registry import Method, create_method, is_method, list_methods
 
 __all__ = [
     "ConfigError",
@@ -35,8 +36,6 @@ __all__ = [
     "ExecutionConfig",
     "StorageConfig",
     "RunConfig",
-    "METHODS",
-    "MethodSpec",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -53,30 +52,6 @@ class ConfigError(InputError):
     def __init__(self, path: str, message: str):
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
-
-
-# --------------------------------------------------------------------------- methods
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """How a method uses the shared recover machinery (baselines are settings, not forks)."""
-
-    init: str  # "random-real" | "patches" | "noise"
-    optimize: bool  # run pixel optimisation at all
-    residual: bool  # ARC at stage boundaries
-    multi_resolution: bool  # use recover.resolutions / stage_iterations as given
-    mixed_precision: bool  # autocast (bf16 on CPU, fp16 + GradScaler on CUDA)
-    multi_teacher: bool  # round-robin over all recover teachers (FADRM+)
-
-
-METHODS: dict[str, MethodSpec] = {
-    "random-real": MethodSpec("random-real", False, False, False, False, False),
-    "rded": MethodSpec("patches", False, False, False, False, False),
-    "sre2l": MethodSpec("noise", True, False, False, False, False),
-    "fadrm": MethodSpec("patches", True, True, True, True, False),
-    "fadrm+": MethodSpec("patches", True, True, True, True, True),
-}
 
 
 # --------------------------------------------------------------------------- sections
@@ -257,7 +232,7 @@ class RecoverConfig:
     """Data residual matching (pixel optimisation)."""
 
     method: str = "fadrm"
-    """One of: random-real, rded, sre2l, fadrm, fadrm+."""
+    """A registered method (:mod:`fadrm.methods`): random-real, rded, sre2l, fadrm, fadrm+."""
     resolutions: list[int] = field(default_factory=lambda: [32, 32, 32, 32])
     """MRO: resolution of each stage (k+1 stages)."""
     stage_iterations: list[int] = field(default_factory=lambda: [500, 500, 500, 500])
@@ -288,17 +263,19 @@ class RecoverConfig:
     and did not pay for itself, see benchmarks/README.md)."""
 
     @property
-    def spec(self) -> MethodSpec:
-        return METHODS[self.method]
+    def spec(self) -> Method:
+        """The registered method object (:func:`fadrm.methods.create_method`)."""
+        return create_method(self.method)
 
     @property
     def total_iterations(self) -> int:
         return sum(self.stage_iterations)
 
     def validate(self, p: str) -> None:
-        if self.method not in METHODS:
+        if not is_method(self.method):
             raise ConfigError(
-                f"{p}.method", f"unknown method {self.method!r}; choose from {sorted(METHODS)}"
+                f"{p}.method", f"unknown method {self.method!r}; choose from "
+                f"{sorted(list_methods())}"
             )
         if len(self.resolutions) != len(self.stage_iterations):
             raise ConfigError(

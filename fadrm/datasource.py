@@ -34,6 +34,7 @@ from fadrm import data as fdata
 from fadrm import shards, storage
 from fadrm.config import DataConfig
 from fadrm.data import DataSummary, ImageSet
+from fadrm.units import UnitId
 
 __all__ = ["Listing", "list_data", "DataSource", "StreamedSplit", "load_distilled"]
 
@@ -330,8 +331,8 @@ def load_distilled(plan, classes: list[int] | None = None,
     out = labels = None
     filled = 0
     for unit in stage.units():
-        block = int(unit[1:4])
-        index = int(unit.split("-i")[1]) if "-i" in unit else None
+        uid = UnitId.parse(unit)
+        block, index = uid.block, uid.index
         if block not in wanted_blocks or (index is not None and index >= k):
             continue
         pixels, row_labels, ids, shape = shards.image_rows(shards.read_table(stage.unit_uri(unit)))

@@ -24,7 +24,7 @@ BASELINE = "random-real"
 
 def run_demo(output: str = "runs/demo", overrides: list[str] | None = None,
              show_progress: bool = True, executor: str = "ray") -> int:
-    from fadrm.pipeline import report_dir
+    from fadrm.plan import report_dir
     from fadrm.runner import print_summary, run_config
 
     base = [f"output={output}", *(overrides or [])]

@@ -6,8 +6,11 @@ first): the output location, the data, the teachers. Each problem raises an
 :class:`~fadrm.errors.InputError` whose message starts with the config key path and says
 how to fix it; soft problems come back as warnings.
 
-``fadrm run`` / ``ray_jobs.distill`` (through :func:`fadrm.pipeline.run_pipeline`), ``fadrm
-status`` and ``fadrm watch`` call :func:`preflight`; none of the checks start Ray.
+``fadrm run`` / ``ray_jobs.distill`` (through :func:`fadrm.runner.run_pipeline`, which builds
+the plan between :func:`check_inputs` and :func:`check_plan`), ``fadrm status`` and ``fadrm
+watch`` (through :func:`preflight`, both steps at once) check; none of the checks start Ray.
+What a method asks of its inputs (images per class, BatchNorm teachers) is the method's
+(:mod:`fadrm.methods`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,7 +28,11 @@ from fadrm.config import ConfigError, RunConfig
 from fadrm.data import DataError, DataSummary
 from fadrm.errors import InputError
 
-__all__ = ["Preflight", "preflight", "check_output", "check_data", "check_teachers",
+if TYPE_CHECKING:
+    from fadrm.datasource import DataSource
+    from fadrm.plan import RunPlan
+
+__all__ = ["Preflight", "Inputs", "preflight", "check_inputs", "check_plan", "check_output", "check_data", "check_teachers",
            "check_submittable", "running_as_ray_job"]
 
 log = logging.getLogger("fadrm.preflight")
@@ -37,22 +45,24 @@ _PLACEHOLDERS = ("YOUR-BUCKET", "your-bucket")
 class Preflight:
     """What the checks found: the run's plan (stage keys) and the warnings."""
 
-    plan: "object"
+    plan: "RunPlan"
     summary: DataSummary
     warnings: list[str] = field(default_factory=list)
 
 
-def preflight(cfg: RunConfig, *, write_probe: bool = True,
-              read_weights: bool = True) -> Preflight:
-    """Check ``cfg``'s inputs (see the module docstring); returns the plan they give.
+@dataclass
+class Inputs:
+    """What :func:`check_inputs` found: the data (listed once, for the plan) and warnings."""
 
-    ``write_probe``: prove the output location writable with a small atomic write (runs);
-    without it only its reachability is checked (``status`` reads only). ``read_weights``
-    False (the hourly watch): given weights are fit-checked only when planning read them
-    anyway (their metadata changed), so an unchanged checkpoint is never downloaded.
-    """
-    from fadrm.pipeline import RunPlan
+    source: "DataSource"
+    summary: DataSummary
+    warnings: list[str] = field(default_factory=list)
 
+
+def check_inputs(cfg: RunConfig, *, write_probe: bool = True) -> Inputs:
+    """The checks that need no plan: the output location, the data, the given weights
+    exist. ``write_probe``: prove the output location writable with a small atomic write
+    (runs); without it only its reachability is checked (``status`` reads only)."""
     from fadrm.datasource import DataSource
 
     warnings: list[str] = []
@@ -60,11 +70,29 @@ def preflight(cfg: RunConfig, *, write_probe: bool = True,
     source = DataSource(cfg.data)
     summary = check_data(cfg, warnings, source)
     _check_weights_exist(cfg)
-    plan = RunPlan(cfg, source)
-    check_teachers(cfg, plan, warnings, read_weights=read_weights)
+    return Inputs(source, summary, warnings)
+
+
+def check_plan(plan: "RunPlan", inputs: Inputs, *, read_weights: bool = True) -> Preflight:
+    """The checks of the planned teachers (:func:`check_teachers`); logs every warning.
+    ``read_weights`` False (the hourly watch): given weights are fit-checked only when
+    planning read them anyway (their metadata changed), so an unchanged checkpoint is never
+    downloaded."""
+    warnings = list(inputs.warnings)
+    check_teachers(plan.cfg, plan, warnings, read_weights=read_weights)
     for w in warnings:
         log.warning("%s", w)
-    return Preflight(plan, summary, warnings)
+    return Preflight(plan, inputs.summary, warnings)
+
+
+def preflight(cfg: RunConfig, *, write_probe: bool = True,
+              read_weights: bool = True) -> Preflight:
+    """Check ``cfg``'s inputs, plan the run on the checked data, check the plan's teachers
+    (see :func:`check_inputs` and :func:`check_plan` for the arguments); returns the plan."""
+    from fadrm.plan import RunPlan
+
+    inputs = check_inputs(cfg, write_probe=write_probe)
+    return check_plan(RunPlan(cfg, inputs.source), inputs, read_weights=read_weights)
 
 
 # --------------------------------------------------------------------------- storage
@@ -145,18 +173,9 @@ def check_data(cfg: RunConfig, warnings: list[str] | None = None,
         raise ConfigError("data.root", f"{exc}") from None
     except OSError as exc:
         raise _unreachable("data.root", d.root, exc) from None
-    spec = cfg.recover.spec
-    if spec.init == "patches":
-        need, f2 = cfg.ipc * cfg.select.factor**2, cfg.select.factor**2
-        if cfg.select.num_candidates < need:
-            raise ConfigError("select.num_candidates", f"is {cfg.select.num_candidates}, but "
-                              f"ipc {cfg.ipc} x select.factor^2 {f2} = {need} patches per "
-                              f"class need at least {need} candidate images; raise it")
-        what = f"ipc {cfg.ipc} x select.factor^2 {f2}"
-    elif spec.init == "random-real":
-        need, what = cfg.ipc, f"ipc {cfg.ipc} (method {cfg.recover.method})"
-    else:
-        need, what = 0, ""
+    method = cfg.recover.spec
+    method.check_select(cfg)
+    need, what = method.images_needed(cfg)
     short = [(c, n) for c, n in zip(summary.classes, summary.train_counts) if n < need]
     if short:
         name, n = short[0]
@@ -211,12 +230,11 @@ def check_teachers(cfg: RunConfig, plan, warnings: list[str] | None = None, *,
     recover teacher of a BN-matching method has BatchNorm statistics to match."""
     from fadrm.models import check_weights_fit, has_bn_statistics, pretrained_file
 
-    spec = cfg.recover.spec
-    bn_matching = spec.optimize and cfg.recover.r_bn > 0
+    bn_matching = cfg.recover.spec.bn_matching(cfg)
     for i, t in enumerate(cfg.teachers):
         key = f"teachers[{i}]"
         model = None
-        if t.weights and (read_weights or plan._weights.get(i) is not None):
+        if t.weights and (read_weights or plan.weights_read(i) is not None):
             model = _shape_model(plan, i)
             try:
                 data = plan.teacher_bytes(i)

@@ -2,7 +2,7 @@
 
 The one place that turns a config into work, for every entrypoint (``fadrm run`` / ``demo``,
 ``python -m ray_jobs.distill``, the GPU check). *Where* units run is the executor's
-business: ``local`` (every unit in this process, :class:`fadrm.pipeline.LocalExecutor`) is
+business: ``local`` (every unit in this process, :class:`fadrm.executors.LocalExecutor`) is
 built in; others (``ray``: Ray Train, in ``ray_jobs``) are found through the
 ``fadrm.executors`` entry point group, so the library never imports its Ray layer.
 """
@@ -17,8 +17,10 @@ from typing import Any
 from fadrm import shards, storage
 from fadrm.config import RunConfig
 from fadrm.errors import InputError, MissingDependencyError
-from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress, latest_dir, report_dir
-from fadrm.preflight import preflight
+from fadrm.executors import LocalExecutor
+from fadrm.plan import RunPlan, latest_dir, report_dir
+from fadrm.preflight import check_inputs, check_plan
+from fadrm.progress import StageProgress
 from fadrm.report import point_latest, write_report
 
 __all__ = ["EXECUTORS", "StageClock", "create_executor", "run_config", "run_pipeline",
@@ -141,13 +143,16 @@ class StageClock:
 def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> dict:
     """Run every stage that is not complete, then write the run report. Returns metrics.
 
-    The inputs are checked first (:func:`fadrm.preflight.preflight`: output writable, data,
-    teachers), so bad input fails in seconds, before any stage. When every stage is already
+    The inputs are checked first (:mod:`fadrm.preflight`: output writable, data; then the
+    plan built on the checked data, and its teachers), so bad input fails in seconds,
+    before any stage. When every stage is already
     complete and this config's report matches the current stage keys, nothing is computed
     or rewritten: the previous metrics are returned ("up to date"). Stages whose outputs an
     earlier run computed are "cached" in the report, with the seconds they took then.
     """
-    plan = preflight(cfg).plan
+    inputs = check_inputs(cfg)
+    plan = RunPlan(cfg, inputs.source)
+    check_plan(plan, inputs)
     damaged = repair_outputs(plan, full=cfg.execution.verify_outputs)
     # One look at what is done (every unit's sidecar; on S3 a request each): a stage's
     # units become complete only when that stage runs, so the list holds until then.

@@ -38,7 +38,8 @@ from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fadrm.errors import InputError
-from fadrm.pipeline import Stage, StageProgress, WorkerContext
+from fadrm.progress import StageProgress
+from fadrm.stages import Stage, WorkerContext
 
 log = logging.getLogger("ray_jobs.executor")
 

@@ -302,7 +302,7 @@ class _Clock:
 
 
 def test_progress_lines_without_a_tty():
-    from fadrm.pipeline import StageProgress
+    from fadrm.progress import StageProgress
 
     clock, log = _Clock(), io.StringIO()
     progress = StageProgress("recover", 10, file=log, clock=clock)
@@ -325,7 +325,7 @@ def test_progress_lines_without_a_tty():
 
 
 def test_progress_bar_on_a_tty_draws_after_start_up_output():
-    from fadrm.pipeline import StageProgress
+    from fadrm.progress import StageProgress
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -348,7 +348,7 @@ def test_progress_bar_on_a_tty_draws_after_start_up_output():
 def test_log_lines_during_a_bar_get_their_own_line(monkeypatch):
     import logging
 
-    from fadrm.pipeline import StageProgress
+    from fadrm.progress import StageProgress
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -376,7 +376,7 @@ def test_log_lines_during_a_bar_get_their_own_line(monkeypatch):
 
 def test_json_outputs_have_readable_sidecars(two_variants, tmp_path):
     from fadrm import shards
-    from fadrm.pipeline import RunPlan
+    from fadrm.plan import RunPlan
 
     _, a, _ = two_variants
     evaluate = Path(RunPlan(a).evaluate.dir)

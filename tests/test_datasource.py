@@ -17,7 +17,9 @@ from fadrm import data as fdata
 from fadrm.config import load_config
 from fadrm.datasource import DataSource, list_data
 from fadrm.models import create_model
-from fadrm.pipeline import LocalExecutor, RunPlan, WorkerContext
+from fadrm.executors import LocalExecutor
+from fadrm.plan import RunPlan
+from fadrm.stages import WorkerContext
 from fadrm.runner import run_pipeline
 
 
@@ -125,7 +127,7 @@ def test_data_source_pickles_without_listing_or_pixels(tmp_path):
 def test_squeeze_streams_a_large_training_set_with_the_same_result(tmp_path):
     """A training set above data.cache_gib is streamed through DataLoader workers; the
     teacher trained on the stream equals the one trained on the decoded set."""
-    from fadrm.pipeline import SqueezeStage
+    from fadrm.stages import SqueezeStage
     from fadrm.squeeze import train_teacher
     from fadrm.datasource import StreamedSplit
 

@@ -21,7 +21,9 @@ SCRIPT = textwrap.dedent('''
     from fadrm.config import load_config
     from fadrm.data import DataError
     from fadrm.errors import InputError
-    from fadrm.pipeline import RunPlan, SelectStage, StageProgress
+    from fadrm.plan import RunPlan
+    from fadrm.progress import StageProgress
+    from fadrm.stages import SelectStage
     from ray_jobs.executor import RayTrainExecutor, ResourceWaitTimeout
     from tests.conftest import tiny_run_config
     import ray

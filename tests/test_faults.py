@@ -13,7 +13,9 @@ import pytest
 
 from fadrm import shards
 from fadrm.config import load_config
-from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
+from fadrm.executors import LocalExecutor
+from fadrm.plan import RunPlan
+from fadrm.progress import StageProgress
 from tests.conftest import tiny_run_config
 
 

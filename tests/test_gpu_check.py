@@ -44,7 +44,7 @@ def test_cpu_half_passes_without_cuda_and_without_ray(tmp_path):
     ray_free = parts["cpu.ray_free_run"]
     assert ray_free["status"] == "passed", ray_free["error"]
     assert ray_free["result"]["exit_code"] == 0 and ray_free["result"]["failed_imports"] == {}
-    assert "fadrm.pipeline" in ray_free["result"]["modules"]
+    assert "fadrm.plan" in ray_free["result"]["modules"]
     assert parts["check.cuda_device_without_gpu_fails"]["status"] == "passed"
     skipped = {n for n, p in parts.items() if p["status"] == "skipped"}
     assert {"check.recover_step_matches_cpu", "check.nccl_ddp", "pipeline.local_executor",

@@ -9,7 +9,8 @@ import pytest
 
 from fadrm import shards
 from fadrm.config import load_config
-from fadrm.pipeline import LocalExecutor, RunPlan
+from fadrm.executors import LocalExecutor
+from fadrm.plan import RunPlan
 from fadrm.runner import run_pipeline
 from tests.conftest import tiny_run_config
 

@@ -223,7 +223,7 @@ def test_select_crop_ratio_is_validated():
 
 
 def test_val_crop_ratio_changes_only_the_evaluate_key(fmnist_root, tmp_path):
-    from fadrm.pipeline import RunPlan
+    from fadrm.plan import RunPlan
     from tests.conftest import tiny_run_config
 
     base = tiny_run_config(tmp_path, fmnist_root)
@@ -242,7 +242,7 @@ def test_new_select_settings_keep_older_keys_where_they_change_nothing(fmnist_ro
                                                                          tmp_path):
     import dataclasses as dc
 
-    from fadrm.pipeline import RunPlan
+    from fadrm.plan import RunPlan
     from tests.conftest import tiny_run_config
 
     cfg = load_config(tiny_run_config(tmp_path, fmnist_root))
@@ -257,7 +257,7 @@ def test_new_select_settings_keep_older_keys_where_they_change_nothing(fmnist_ro
 
 
 def test_select_key_changes_with_full_resolution(tmp_path):
-    from fadrm.pipeline import RunPlan
+    from fadrm.plan import RunPlan
 
     image = np.zeros((8, 8, 3), np.uint8)
     root = _folder(tmp_path / "train", {"a": [image] * 3, "b": [image] * 3})

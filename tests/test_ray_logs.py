@@ -73,7 +73,8 @@ STAGE_SCRIPT = textwrap.dedent("""
     import logging, sys
     import ray
     from fadrm.config import load_config
-    from fadrm.pipeline import RunPlan, StageProgress
+    from fadrm.plan import RunPlan
+    from fadrm.progress import StageProgress
     from ray_jobs.executor import RayTrainExecutor
 
     logging.basicConfig(level=logging.INFO,  # as `fadrm run` does

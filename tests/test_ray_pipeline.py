@@ -38,7 +38,7 @@ def test_end_to_end_through_local_ray(tmp_path, fmnist_root, worker_groups):
 
 def test_worker_group_setting_decides_how_stages_are_grouped(tmp_path, fmnist_root,
                                                              monkeypatch):
-    from fadrm.pipeline import RunPlan
+    from fadrm.plan import RunPlan
     from ray_jobs.executor import RayTrainExecutor
 
     for mode, want in (("shared", [["select", "recover", "relabel"]]),

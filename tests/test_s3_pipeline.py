@@ -8,7 +8,7 @@ import torch
 from fadrm import shards, storage
 from fadrm.config import load_config
 from fadrm.models import create_model, save_weights
-from fadrm.pipeline import RunPlan
+from fadrm.plan import RunPlan
 from tests.conftest import tiny_run_config
 
 

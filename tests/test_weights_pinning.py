@@ -18,7 +18,7 @@ from PIL import Image
 from fadrm.cli import main
 from fadrm.config import ConfigError, load_config
 from fadrm.models import create_model
-from fadrm.pipeline import RunPlan
+from fadrm.plan import RunPlan
 
 
 @pytest.fixture

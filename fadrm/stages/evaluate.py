@@ -1,0 +1,89 @@
+"""The evaluate stage: train a fresh student on the distilled set only; evaluate it on real
+validation data."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+
+from fadrm import shards, storage
+from fadrm.datasource import load_distilled
+from fadrm.stages.base import Stage, WorkerContext, json_bytes, load_teacher, unit_seed
+
+__all__ = ["EvaluateStage"]
+
+
+class EvaluateStage(Stage):
+    """Train a fresh student on the distilled set only; evaluate on real validation data."""
+
+    name = "evaluate"
+    collective = True
+
+    def units(self) -> list[str]:
+        return ["student"]
+
+    def unit_uri(self, unit: str) -> str:
+        return storage.join(self.dir, "metrics.json")
+
+    def setup(self, ctx: WorkerContext) -> Any:
+        # Only the validation set is decoded, each rank its strided share (the counts are
+        # summed over ranks): the student never sees a real training image.
+        val = self.plan.source.split("val", shard=(ctx.rank, ctx.world_size))
+        images, _ = load_distilled(self.plan)
+        return val, images
+
+    def run_unit(self, state: Any, unit: str, ctx: WorkerContext) -> None:
+        from fadrm.metrics import evaluate
+        from fadrm.models import create_model
+        from fadrm.student import train_student
+
+        val, images = state
+        cfg, d = self.cfg, self.cfg.data
+        relabel = self.plan.relabel
+        cache: dict[str, Any] = {}
+
+        def labels_for_epoch(epoch: int):
+            u = relabel.unit_for_epoch(epoch)
+            if u not in cache:
+                cache.clear()
+                cache[u] = shards.read_table(relabel.unit_uri(u))
+            return cache[u]
+
+        seed = unit_seed(cfg.seed, self.name, unit)
+        torch.manual_seed(seed)
+        model = create_model(
+            cfg.student.model, self.plan.num_classes, in_chans=d.channels,
+            image_size=d.resolution, small_stem=cfg.student.small_stem,
+        ).to(ctx.device)
+        result = train_student(
+            model, images, labels_for_epoch, val, cfg.student, cfg.relabel.epochs,
+            d.mean, d.std, self.plan.num_classes, ctx.device, seed=seed, progress=ctx.report,
+            val_is_shard=ctx.world_size > 1,
+        )
+        # Every rank holds a share of the validation set: the counts are summed over ranks.
+        teacher_top1 = [evaluate(load_teacher(self.plan, i, ctx.device), val, d.mean, d.std,
+                                 ctx.device, sharded=ctx.world_size > 1)[0]
+                        for i in range(len(cfg.teachers))]
+        if ctx.rank != 0:
+            return
+        buf = io.BytesIO()
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
+        shards.write_artifact(storage.join(self.dir, "student.pt"), buf.getvalue())
+        metrics = {
+            "student_top1": result["top1"],
+            "student_top5": result["top5"],
+            "student_top1_best": result["top1_best"],
+            "best_epoch": result["best_epoch"],
+            "history": result["history"],
+            "student_steps": result["steps"],
+            "student_train_seconds": round(result["train_seconds"], 3),
+            "student_workers": ctx.world_size,
+            "teacher_top1": teacher_top1[0],
+            "teachers_top1": teacher_top1,
+            "train_images": self.plan.source.count("train"),
+            "val_images": self.plan.source.count("val"),
+            "skipped_inputs": self.plan.squeeze_skipped() + val.skipped,
+        }
+        shards.write_artifact(self.unit_uri(unit), json_bytes(metrics))

@@ -1,0 +1,69 @@
+"""The recover stage: data residual matching, one unit = (class block, IPC index)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fadrm import shards, storage
+from fadrm.data import normalize
+from fadrm.lineage import StageKey
+from fadrm.methods import Method
+from fadrm.stages.base import Stage, StagePlan, WorkerContext, load_teacher, unit_seed
+from fadrm.units import UnitId
+
+__all__ = ["RecoverStage"]
+
+
+class RecoverStage(Stage):
+    """Data residual matching, one unit = (class block, IPC index)."""
+
+    name = "recover"
+
+    def __init__(self, plan: StagePlan, key: StageKey, method: Method):
+        super().__init__(plan, key)
+        self.method = method
+
+    def units(self) -> list[str]:
+        return [str(UnitId(b, i)) for b in range(self.plan.num_blocks)
+                for i in range(self.cfg.ipc)]
+
+    def unit_uri(self, unit: str) -> str:
+        return storage.join(self.dir, f"images-{unit}.arrow")
+
+    def setup(self, ctx: WorkerContext) -> Any:
+        teachers = [load_teacher(self.plan, i, ctx.device) for i in self.cfg.recover_teachers]
+        return {"teachers": teachers, "init": {}}
+
+    def _init(self, state: dict, block: int, index: int) -> torch.Tensor:
+        d = self.cfg.data
+        classes = self.plan.block_classes(block)
+        if self.plan.select is None:  # no select stage (SRe2L): the method's noise
+            seed = unit_seed(self.cfg.seed, "noise", "classes")  # per-class seeding inside
+            return self.method.noise(classes, self.cfg, seed)[:, index]
+        if block not in state["init"]:
+            table = shards.read_table(self.plan.select.unit_uri(str(UnitId(block))))
+            state["init"] = {block: shards.table_images(table)}
+        images, _, ids = state["init"][block]
+        rows = [int((ids == c * self.cfg.ipc + index).nonzero()) for c in classes]
+        return normalize(images[rows], d.mean, d.std)
+
+    def run_unit(self, state: Any, unit: str, ctx: WorkerContext) -> None:
+        from fadrm.data import denormalize
+        from fadrm.synthesis import recover
+
+        uid = UnitId.parse(unit)
+        block, index = uid.block, uid.index
+        classes = self.plan.block_classes(block)
+        d = self.cfg.data
+        init = self._init(state, block, index)
+        result = recover(
+            init.to(ctx.device), torch.tensor(classes, device=ctx.device), state["teachers"],
+            self.cfg.recover, d.mean, d.std, d.resolution,
+            seed=unit_seed(self.cfg.seed, self.name, unit), device=ctx.device,
+            progress=ctx.report,
+        )
+        images = denormalize(result.images.cpu(), d.mean, d.std)
+        ids = [c * self.cfg.ipc + index for c in classes]
+        shards.write_table(self.unit_uri(unit), shards.images_table(images, classes, ids))
