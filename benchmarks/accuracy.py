@@ -4,7 +4,8 @@
     python -m benchmarks.accuracy --quick         # smoke size (~2 min): tiny budgets
     python -m benchmarks.accuracy --datasets cifar10 --ipcs 50 --seeds 0 1 2   # more rows
 
-Methods (all through the same select / relabel / student code, so only the images and the
+Methods: every one registered in :mod:`fadrm.methods`, variants included, in registration
+order (all through the same select / relabel / student code, so only the images and the
 labels differ): ``random-real-hard`` (random real images, hard labels: cross-entropy to the
 CutMix-mixed one-hot class of each stored view), ``random-real`` (random real images, soft
 labels), ``rded`` (realism-selected patches), ``sre2l`` (noise + fp32 optimisation),
@@ -33,9 +34,10 @@ import time
 from pathlib import Path
 
 from benchmarks import common
+from fadrm.methods import create_method, list_methods
 
 NAME = "accuracy"
-METHODS = ["random-real-hard", "random-real", "rded", "sre2l", "fadrm", "fadrm+"]
+METHODS = list_methods(variants=True)
 TARGETS = {
     "cifar10_ipc10_of_teacher": 0.85, "cifar10_ipc50_of_teacher": 0.93,
     "fmnist_ipc10_of_teacher": 0.85,
@@ -98,9 +100,10 @@ def run_config(dataset: str, method: str, ipc: int, seed: int, budget: dict,
     data = data_section(dataset, budget)
     size = data["resolution"]
     teachers = [{"model": budget["teacher"], "weights": weights[0]}]
-    if method == "fadrm+":
+    spec = create_method(method)
+    if spec.multi_teacher:
         teachers.append({"model": budget["teacher2"], "weights": weights[1]})
-    recover_method = "random-real" if method.startswith("random-real") else method
+    settings = spec.settings()
     # Relabel batches: the budget's size, the whole set when it is smaller.
     batch = min(budget["relabel_batch"], 10 * ipc)
     return {
@@ -108,13 +111,13 @@ def run_config(dataset: str, method: str, ipc: int, seed: int, budget: dict,
         "ipc": ipc, "data": data, "teachers": teachers,
         "select": {"num_candidates": budget["candidates"], "num_crops": budget["crops"],
                    "factor": 1, "crop_scale": budget["crop_scale"]},
-        "recover": {"method": recover_method, "resolutions": [size] * 4,
+        "recover": {"method": settings["recover.method"], "resolutions": [size] * 4,
                     "stage_iterations": [budget["iterations"]] * 4, "lr": budget["lr"],
                     "alpha": 0.5, "jitter": 4, "crop_scale": budget["crop_scale"]},
         "relabel": {"epochs": budget["epochs"], "batch_size": batch,
                     "epochs_per_shard": min(50, budget["epochs"]),
                     "crop_scale": budget["crop_scale"], "teacher_bn_mode": "train",
-                    "label_mode": "hard" if method == "random-real-hard" else "soft"},
+                    "label_mode": settings["relabel.label_mode"]},
         "student": {"model": budget["student"], "lr": 1e-3, "eta": 2.0,
                     "accumulation_steps": budget["accumulation"], "eval_every": 0},
         "execution": {"device": device},
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     for dataset in datasets:
         teachers = [{"model": budget["teacher"]}]
-        if "fadrm+" in methods:
+        if any(create_method(m).multi_teacher for m in methods):
             teachers.append({"model": budget["teacher2"]})
         todo = [(m, i, s) for i in ipcs for s in seeds for m in methods
                 if (dataset, m, i, s) not in done]

@@ -12,6 +12,7 @@ from fadrm import __version__
 from fadrm.config import (RunConfig, add_config_argument, list_presets, load_config,
                           preset_path, preset_purpose, resolve_config)
 from fadrm.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, EXIT_WORK_TO_DO, InputError
+from fadrm.methods import list_methods
 from fadrm.runner import EXECUTORS, create_executor, print_summary, run_config  # noqa: F401
 
 
@@ -112,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
+    methods = ", ".join(list_methods())
     p = sub.add_parser("demo", help="Fashion-MNIST IPC10: FADRM (or any method: --set "
-                       "recover.method=rded) vs random-real, one table")
+                       f"recover.method=NAME, NAME one of {methods}) vs random-real, "
+                       "one table")
     p.add_argument("--output", default="runs/demo", help="output root (default runs/demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the demo config")

@@ -93,3 +93,22 @@ def test_paired_differences_are_reported_beside_the_two_std_criterion():
     assert check["met"] is False  # margin 4/3 < 2 * 3
     assert check["paired_diff_mean"] == pytest.approx(4 / 3)
     assert check["paired_diff_min"] == pytest.approx(1.0)
+
+
+def test_methods_come_from_the_registry_in_the_published_order(tmp_path):
+    from fadrm.config import load_config
+    from fadrm.methods import create_method, list_methods
+
+    # The order of accuracy.json's rows and of the published table's columns.
+    assert accuracy.METHODS == list_methods(variants=True) == [
+        "random-real-hard", "random-real", "rded", "sre2l", "fadrm", "fadrm+"]
+    budget = accuracy.BUDGETS["quick"]
+    for method in accuracy.METHODS:
+        raw = accuracy.run_config("fmnist", method, 10, 0, budget, ["a.pt", "b.pt"], tmp_path,
+                                  "cpu")
+        spec = create_method(method)
+        assert raw["recover"]["method"] == spec.recover_method, method
+        assert raw["relabel"]["label_mode"] == ("hard" if method == "random-real-hard"
+                                                else "soft"), method
+        assert len(raw["teachers"]) == (2 if method == "fadrm+" else 1), method
+        assert load_config(raw).recover.method == spec.recover_method
