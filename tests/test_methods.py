@@ -13,7 +13,7 @@ from fadrm.methods import Method, create_method, list_methods, register_method, 
 from fadrm.models import create_model
 from fadrm.plan import RunPlan
 from fadrm.runner import run_pipeline
-from fadrm.units import UnitId
+from fadrm.units import EpochUnit, UnitId
 from tests.conftest import tiny_run_config
 
 # The six booleans each built-in was before it became an object (init, optimize, residual,
@@ -71,6 +71,15 @@ def test_unit_ids_round_trip(text, uid):
 def test_malformed_unit_ids_are_refused(bad):
     with pytest.raises(ValueError, match="unit id"):
         UnitId.parse(bad)
+    if not bad.startswith("e"):
+        with pytest.raises(ValueError, match="epoch unit id"):
+            EpochUnit.parse(bad)
+
+
+def test_epoch_units_round_trip():
+    unit = EpochUnit.parse("e0015-0029")
+    assert unit == EpochUnit(15, 29) and str(unit) == "e0015-0029"
+    assert list(unit.epochs) == list(range(15, 30))
 
 
 # --------------------------------------------------------------------------- a toy method
