@@ -78,7 +78,7 @@ class RunPlan:
                     "squeeze": dataclasses.asdict(cfg.squeeze), "data": self._data,
                     "seed": cfg.seed, "index": i, "version": __version__,
                 })
-                self.squeeze[i] = SqueezeStage(self, key, i)
+                self.squeeze[i] = SqueezeStage(self, key, i, cfg.squeeze)
                 self._teacher_fp.append(f"squeeze:{key.key}")
 
     def _plan_stages(self) -> None:
@@ -91,7 +91,7 @@ class RunPlan:
             comp = {"init": method.init, "ipc": cfg.ipc, "seed": cfg.seed, "data": self._data,
                     "block_size": self.block_size, "version": __version__}
             comp.update(method.select_key(cfg, self._teacher_fp))
-            self.select = SelectStage(self, StageKey("select", comp), method)
+            self.select = SelectStage(self, StageKey("select", comp), method, cfg.select)
 
         self.recover: RecoverStage | None = None
         if method.optimize:
@@ -103,7 +103,7 @@ class RunPlan:
                 "teachers": [self._teacher_fp[i] for i in cfg.recover_teachers],
                 "ipc": cfg.ipc, "seed": cfg.seed, "data": self._data,
                 "block_size": self.block_size, "version": __version__,
-            }), method)
+            }), method, cfg.recover)
         self.images_stage: Stage = self.recover or self.select  # type: ignore[assignment]
 
         self.relabel = RelabelStage(self, StageKey("relabel", {
@@ -112,7 +112,7 @@ class RunPlan:
             "teachers": [[self._teacher_fp[i], cfg.teachers[i].ensemble_weight]
                          for i in cfg.relabel_teachers],
             "seed": cfg.seed, "data": self._data, "version": __version__,
-        }))
+        }), cfg.relabel)
         evaluate = {
             "student": dataclasses.asdict(cfg.student),
             "relabel": self.relabel.key.key,
@@ -121,7 +121,7 @@ class RunPlan:
         }
         if d.val_crop_ratio is not None:  # only when set: older configs keep their keys
             evaluate["val_crop_ratio"] = d.val_crop_ratio
-        self.evaluate = EvaluateStage(self, StageKey("evaluate", evaluate))
+        self.evaluate = EvaluateStage(self, StageKey("evaluate", evaluate), cfg.student)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from fadrm.datasource import DataSource
     from fadrm.plan import RunPlan
 
-__all__ = ["Preflight", "Inputs", "preflight", "check_inputs", "check_plan", "check_output", "check_data", "check_teachers",
-           "check_submittable", "running_as_ray_job"]
+__all__ = ["Preflight", "Inputs", "preflight", "check_inputs", "check_plan", "check_output",
+           "check_data", "check_teachers", "check_submittable", "running_as_ray_job"]
 
 log = logging.getLogger("fadrm.preflight")
 

@@ -22,7 +22,8 @@ from fadrm import shards, storage
 from fadrm.config import RunConfig
 from fadrm.lineage import StageKey
 
-__all__ = ["StagePlan", "WorkerContext", "Stage", "unit_seed", "teacher_model", "load_teacher", "json_bytes"]
+__all__ = ["StagePlan", "WorkerContext", "Stage", "unit_seed", "teacher_model", "load_teacher",
+           "json_bytes"]
 
 
 def unit_seed(run_seed: int, stage: str, unit: str) -> int:
@@ -73,7 +74,7 @@ class Stage:
     collective: bool = False
 
     def __init__(self, plan: StagePlan, key: StageKey):
-        self.plan = plan
+        self.plan = plan  # the run-wide inputs: seed, ipc, data, teachers, earlier stages
         self.key = key
 
     @property

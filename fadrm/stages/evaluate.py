@@ -9,8 +9,11 @@ from typing import Any
 import torch
 
 from fadrm import shards, storage
+from fadrm.config import StudentConfig
 from fadrm.datasource import load_distilled
-from fadrm.stages.base import Stage, WorkerContext, json_bytes, load_teacher, unit_seed
+from fadrm.lineage import StageKey
+from fadrm.stages.base import (Stage, StagePlan, WorkerContext, json_bytes, load_teacher,
+                               unit_seed)
 
 __all__ = ["EvaluateStage"]
 
@@ -20,6 +23,10 @@ class EvaluateStage(Stage):
 
     name = "evaluate"
     collective = True
+
+    def __init__(self, plan: StagePlan, key: StageKey, section: StudentConfig):
+        super().__init__(plan, key)
+        self.section = section
 
     def units(self) -> list[str]:
         return ["student"]
@@ -54,11 +61,11 @@ class EvaluateStage(Stage):
         seed = unit_seed(cfg.seed, self.name, unit)
         torch.manual_seed(seed)
         model = create_model(
-            cfg.student.model, self.plan.num_classes, in_chans=d.channels,
-            image_size=d.resolution, small_stem=cfg.student.small_stem,
+            self.section.model, self.plan.num_classes, in_chans=d.channels,
+            image_size=d.resolution, small_stem=self.section.small_stem,
         ).to(ctx.device)
         result = train_student(
-            model, images, labels_for_epoch, val, cfg.student, cfg.relabel.epochs,
+            model, images, labels_for_epoch, val, self.section, relabel.section.epochs,
             d.mean, d.std, self.plan.num_classes, ctx.device, seed=seed, progress=ctx.report,
             val_is_shard=ctx.world_size > 1,
         )

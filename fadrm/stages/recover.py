@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fadrm import shards, storage
+from fadrm.config import RecoverConfig
 from fadrm.data import normalize
 from fadrm.lineage import StageKey
 from fadrm.methods import Method
@@ -21,9 +22,10 @@ class RecoverStage(Stage):
 
     name = "recover"
 
-    def __init__(self, plan: StagePlan, key: StageKey, method: Method):
+    def __init__(self, plan: StagePlan, key: StageKey, method: Method, section: RecoverConfig):
         super().__init__(plan, key)
         self.method = method
+        self.section = section
 
     def units(self) -> list[str]:
         return [str(UnitId(b, i)) for b in range(self.plan.num_blocks)
@@ -60,7 +62,7 @@ class RecoverStage(Stage):
         init = self._init(state, block, index)
         result = recover(
             init.to(ctx.device), torch.tensor(classes, device=ctx.device), state["teachers"],
-            self.cfg.recover, d.mean, d.std, d.resolution,
+            self.section, d.mean, d.std, d.resolution,
             seed=unit_seed(self.cfg.seed, self.name, unit), device=ctx.device,
             progress=ctx.report,
         )

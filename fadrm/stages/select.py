@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fadrm import shards, storage
+from fadrm.config import SelectConfig
 from fadrm.lineage import StageKey
 from fadrm.methods import Method
 from fadrm.stages.base import Stage, StagePlan, WorkerContext, load_teacher, unit_seed
@@ -19,9 +20,10 @@ class SelectStage(Stage):
 
     name = "select"
 
-    def __init__(self, plan: StagePlan, key: StageKey, method: Method):
+    def __init__(self, plan: StagePlan, key: StageKey, method: Method, section: SelectConfig):
         super().__init__(plan, key)
         self.method = method
+        self.section = section
 
     def units(self) -> list[str]:
         return [str(UnitId(b)) for b in range(self.plan.num_blocks)]
@@ -34,7 +36,7 @@ class SelectStage(Stage):
         train = self.plan.source
         teacher = None
         if self.method.select_teacher:
-            teacher = load_teacher(self.plan, self.cfg.select.teacher, ctx.device)
+            teacher = load_teacher(self.plan, self.section.teacher, ctx.device)
         return train, teacher
 
     def run_unit(self, state: Any, unit: str, ctx: WorkerContext) -> None:

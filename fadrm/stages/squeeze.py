@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from fadrm import shards, storage
+from fadrm.config import SqueezeConfig
+from fadrm.lineage import StageKey
 from fadrm.stages.base import Stage, StagePlan, WorkerContext, teacher_model, unit_seed
 
 __all__ = ["SqueezeStage"]
@@ -19,9 +21,10 @@ class SqueezeStage(Stage):
     name = "squeeze"
     collective = True
 
-    def __init__(self, plan: StagePlan, key: StageKey, index: int):
+    def __init__(self, plan: StagePlan, key: StageKey, index: int, section: SqueezeConfig):
         super().__init__(plan, key)
         self.index = index
+        self.section = section
 
     @property
     def label(self) -> str:
@@ -48,7 +51,7 @@ class SqueezeStage(Stage):
         torch.manual_seed(unit_seed(self.cfg.seed, self.name, f"{self.index}"))
         model = teacher_model(self.plan, self.index).to(ctx.device)
         top1 = train_teacher(
-            model, train, val, self.cfg.squeeze, self.cfg.data, ctx.device,
+            model, train, val, self.section, self.cfg.data, ctx.device,
             seed=unit_seed(self.cfg.seed, self.name, f"{self.index}"), progress=ctx.report,
         )
         if ctx.rank == 0:
