@@ -9,8 +9,8 @@ over the inputs of every BatchNorm2d layer. Around it: multi-resolution stages (
 fresh Adam per stage under one cosine schedule, the adjustable residual connection (ARC)
 ``x <- alpha resample(x) + (1 - alpha) resample(P)`` at inner stage boundaries (both at the
 next stage's resolution, P straight from full resolution), mixed precision (MPT),
-and round-robin teachers (FADRM+). Baselines are the same loop with other
-:class:`~fadrm.config.MethodSpec` flags.
+and round-robin teachers (FADRM+). Baselines are the same loop with other flags of their
+registered method (:class:`~fadrm.methods.Method`, ``cfg.spec``).
 """
 
 from __future__ import annotations
