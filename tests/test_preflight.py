@@ -208,3 +208,26 @@ def test_verbose_adds_the_traceback(tmp_path, capsys):
     assert main(["-v", "status", str(_config(tmp_path, ipc=10))]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: data:")
+
+
+def test_the_plan_is_built_on_the_checked_data_and_says_which_weights_it_read(tmp_path,
+                                                                              good_data):
+    from fadrm.plan import RunPlan
+    from fadrm.preflight import check_inputs, check_plan
+
+    weights = tmp_path / "teacher.pt"
+    torch.save(create_model("convnet", 3, in_chans=3, image_size=16).state_dict(), weights)
+    cfg = load_config(str(_config(tmp_path, teachers=[
+        {"model": "convnet", "weights": str(weights)}, {"model": "convnet"}])))
+    # The runner's order: inputs checked, the plan built on their data, the plan checked.
+    inputs = check_inputs(cfg, write_probe=False)
+    plan = RunPlan(cfg, inputs.source)
+    checked = check_plan(plan, inputs)
+    assert checked.plan is plan and plan.source is inputs.source
+    assert checked.summary is inputs.summary
+    assert plan.weights_read(0) == weights.read_bytes()  # first seen: read once, kept
+    assert plan.weights_read(1) is None  # trained by squeeze: nothing given to read
+    # Unchanged metadata: planning again reads nothing (the hourly watch's case).
+    again = preflight(cfg, write_probe=False, read_weights=False).plan
+    assert again.weights_read(0) is None
+    assert again.teacher_bytes(0) == weights.read_bytes()  # read when asked for
