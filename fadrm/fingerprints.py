@@ -80,9 +80,8 @@ def _s3_head(uri: str) -> dict | None:
     except ImportError:
         return None
     bucket, _, key = uri[len("s3://"):].partition("/")
-    settings = getattr(storage, "_S3_SETTINGS", {})  # the config's `storage` section
-    client = boto3.client("s3", endpoint_url=settings.get("endpoint_url") or None,
-                          region_name=settings.get("region") or None)
+    store = storage.current()  # the config's `storage` section; boto3 reads the environment
+    client = boto3.client("s3", endpoint_url=store.endpoint_url, region_name=store.region)
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
