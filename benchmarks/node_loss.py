@@ -17,8 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from fadrm import shards
 from fadrm.config import load_config
+from fadrm.formats import shards
 from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

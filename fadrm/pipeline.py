@@ -27,11 +27,12 @@ from typing import Any, Callable
 
 import torch
 
-from fadrm import __version__, shards, storage
+from fadrm import __version__, storage
 from fadrm.amp import resolve_device
 from fadrm.config import RunConfig, config_to_dict
 from fadrm.data import normalize
 from fadrm.datasource import load_distilled
+from fadrm.formats import shards
 from fadrm.lineage import RunStatus, StageKey, StageStatus, changed_values, digest, short
 
 log = logging.getLogger("fadrm.pipeline")

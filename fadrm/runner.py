@@ -14,9 +14,10 @@ import sys
 import time
 from typing import Any
 
-from fadrm import shards, storage
+from fadrm import storage
 from fadrm.config import RunConfig
 from fadrm.errors import InputError, MissingDependencyError
+from fadrm.formats import shards
 from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress, latest_dir, report_dir
 from fadrm.preflight import preflight
 from fadrm.report import point_latest, write_report

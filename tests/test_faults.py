@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fadrm import shards
 from fadrm.config import load_config
+from fadrm.formats import shards
 from fadrm.pipeline import LocalExecutor, RunPlan, StageProgress
 from tests.conftest import tiny_run_config
 

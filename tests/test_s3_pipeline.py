@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from fadrm import shards, storage
+from fadrm import storage
+from fadrm.formats import shards
 from fadrm.config import load_config
 from fadrm.models import create_model, save_weights
 from fadrm.pipeline import RunPlan

@@ -4,7 +4,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fadrm import shards, storage
+from fadrm import storage
+from fadrm.formats import shards
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
