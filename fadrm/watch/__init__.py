@@ -45,19 +45,22 @@ Two targets share one small interface (``runs`` / ``submit`` / ``stop`` /
 live in the launch layer, ``ray_jobs/watch_targets.py``, and the library finds them through
 the ``fadrm.watch_targets`` entry point group (as ``fadrm.executors``):
 
-* ``KubernetesTarget`` (``--target kubernetes``) creates KubeRay ``RayJob``s from a template: the
-  ``RayCronJob`` ``fadrm-run-template`` of k8s/base (kept ``suspend: true``, so KubeRay never
-  schedules it), read from the API so that every kustomize overlay (``images:``,
-  ``namespace:``, patches) reaches the runs; or a YAML file (dry runs from a workstation).
-* ``RayJobsTarget`` (``--target ray``) submits to a Ray Jobs API address with ``JobSubmissionClient`` (for
-  ``ray job submit`` users); the fingerprints travel as job metadata, the deterministic name
-  is the submission id, and the run config is shipped in the job's ``working_dir``.
+* ``KubernetesTarget`` (``--target kubernetes``) creates KubeRay ``RayJob``s from a
+  template: the ``RayCronJob`` ``fadrm-run-template`` of k8s/base (kept ``suspend: true``,
+  so KubeRay never schedules it), read from the API so that every kustomize overlay
+  (``images:``, ``namespace:``, patches) reaches the runs; or a YAML file (dry runs from a
+  workstation).
+* ``RayJobsTarget`` (``--target ray``) submits to a Ray Jobs API address with
+  ``JobSubmissionClient`` (for ``ray job submit`` users); the fingerprints travel as job
+  metadata, the deterministic name is the submission id, and the run config is shipped in
+  the job's ``working_dir``.
 
 Here, in the library: the decision (:mod:`fadrm.watch.decision`: :func:`decide`, run
 records, run names), the RayJob rendering and KubeRay's lifecycle checks
 (:mod:`fadrm.watch.rayjob`), both pure, and the check-and-act loop with its arguments
-(:mod:`fadrm.watch.command`); only the targets talk to a cluster. Nothing here logs credentials: S3 keys, the
-Ray auth token and the Kubernetes token are read by the libraries, never printed.
+(:mod:`fadrm.watch.command`); only the targets talk to a cluster. Nothing here logs
+credentials: S3 keys, the Ray auth token and the Kubernetes token are read by the
+libraries, never printed.
 """
 
 from fadrm.watch.command import (
