@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fadrm import storage
-from fadrm.formats import shards
 from fadrm.config import load_config
+from fadrm.formats import shards
 from fadrm.models import create_model, save_weights
 from fadrm.pipeline import RunPlan
 from tests.conftest import tiny_run_config
