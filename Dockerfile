@@ -53,9 +53,11 @@ COPY pyproject.toml README.md ./
 COPY fadrm ./fadrm
 COPY ray_jobs ./ray_jobs
 # --no-deps: Ray (a declared dependency of the package) is deliberately absent here; the
-# check below proves the watch imports without it.
+# checks below prove the watch imports without it and finds its targets (entry points of
+# `fadrm.watch_targets`, in ray_jobs/) without importing Ray.
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && python -c "import fadrm.watch, fadrm.preflight, fadrm.pipeline, kubernetes" \
+    && python -c "import sys; from importlib.metadata import entry_points as e; t = {p.name: p.load() for p in e(group='fadrm.watch_targets')}; assert {'kubernetes', 'ray'} <= set(t) and 'ray' not in sys.modules, t" \
     && rm -rf /src/build /src/*.egg-info
 
 USER 1000:100

@@ -335,7 +335,8 @@ def check_relabel_deterministic(device: str = "cuda") -> None:
     views as on the CPU with logits within rtol 2e-3 + atol 2e-3 (two fp16 steps: they are
     stored as fp16)."""
     from fadrm.config import RelabelConfig
-    from fadrm.relabel import relabel_epochs, soft_targets
+    from fadrm.formats.labels import soft_targets
+    from fadrm.relabel import relabel_epochs
 
     dev = _device(device)
     images = _uint8_images(24, 32, seed=5)

@@ -17,11 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-from fadrm import shards
 from fadrm.config import load_config
 from fadrm.executors import LocalExecutor
 from fadrm.plan import RunPlan
 from fadrm.progress import StageProgress
+from fadrm.formats import shards
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).resolve().parent / "results"

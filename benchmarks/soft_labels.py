@@ -37,7 +37,7 @@ TARGET = {"bytes_ratio": 0.10, "top1_delta": -0.5}
 
 
 def _shard_bytes(stage) -> tuple[int, list[str]]:
-    from fadrm import shards
+    from fadrm.formats import shards
 
     total, uris = 0, []
     for unit in stage.units():
@@ -49,7 +49,7 @@ def _shard_bytes(stage) -> tuple[int, list[str]]:
 
 def _column_split(uris: list[str]) -> dict:
     """Compressed bytes of the view columns and of the label columns, over all shards."""
-    from fadrm import shards
+    from fadrm.formats import shards
 
     views = labels = rows = 0
     for uri in uris:
@@ -72,8 +72,8 @@ def projection(rows: int = 20000, seed: int = 0) -> dict:
     import pyarrow as pa
     import torch
 
-    from fadrm import shards
-    from fadrm.relabel import _label_arrays, index_type
+    from fadrm.formats import shards
+    from fadrm.formats.labels import index_type, label_arrays
 
     gen = torch.Generator().manual_seed(seed)
     out: dict = {}
@@ -83,7 +83,7 @@ def projection(rows: int = 20000, seed: int = 0) -> dict:
         logits[torch.arange(rows), target] += 8.0
         sizes = {}
         for k in [0] + [k for k in (1, 2, 3, 5, 10, 20) if k < classes]:
-            arrays = _label_arrays(logits, k)
+            arrays = label_arrays(logits, k)
             names = ["logits"] if k == 0 else ["topk_index", "topk_value", "rest_value"]
             table = pa.Table.from_arrays(arrays, names=names)
             sizes[k] = len(shards.table_bytes(table)) / rows
@@ -98,7 +98,7 @@ def compact_views_projection(uri: str) -> dict:
     import numpy as np
     import pyarrow as pa
 
-    from fadrm import shards
+    from fadrm.formats import shards
 
     table = shards.read_table(uri)
     n = table.num_rows

@@ -31,10 +31,11 @@ import pyarrow as pa
 import torch
 
 from fadrm import data as fdata
-from fadrm import shards, storage
+from fadrm import storage
 from fadrm.config import DataConfig
 from fadrm.data import DataSummary, ImageSet
 from fadrm.units import UnitId
+from fadrm.formats import shards
 
 __all__ = ["Listing", "list_data", "DataSource", "StreamedSplit", "load_distilled"]
 

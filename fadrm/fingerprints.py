@@ -17,7 +17,7 @@ bytes only when the object store says they may have changed:
    the caller need not read them a second time.
 
 A fingerprint is an optimisation, never trusted blindly: the weights are checked against the
-recorded sha256 whenever they are loaded (``fadrm.pipeline._load_teacher``), so a stale
+recorded sha256 whenever they are loaded (``fadrm.stages.base.load_teacher``), so a stale
 sidecar or cache entry fails that run loudly instead of training on other bytes. With a
 ``pin`` (the config's ``sha256``), a sidecar/cache answer that disagrees with the pin is not
 believed: the bytes are hashed, and a real mismatch raises ``WeightsError``.
@@ -80,9 +80,8 @@ def _s3_head(uri: str) -> dict | None:
     except ImportError:
         return None
     bucket, _, key = uri[len("s3://"):].partition("/")
-    settings = getattr(storage, "_S3_SETTINGS", {})  # the config's `storage` section
-    client = boto3.client("s3", endpoint_url=settings.get("endpoint_url") or None,
-                          region_name=settings.get("region") or None)
+    store = storage.current()  # the config's `storage` section; boto3 reads the environment
+    client = boto3.client("s3", endpoint_url=store.endpoint_url, region_name=store.region)
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:

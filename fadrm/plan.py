@@ -11,7 +11,8 @@ import dataclasses
 import json
 from typing import Any
 
-from fadrm import __version__, shards, storage
+from fadrm import __version__, storage
+from fadrm.formats import shards
 from fadrm.config import RunConfig, config_to_dict
 from fadrm.lineage import RunStatus, StageKey, StageStatus, changed_values, digest, short
 from fadrm.methods import create_method
@@ -28,7 +29,7 @@ class RunPlan:
         from fadrm.datasource import DataSource
 
         self.cfg = cfg
-        storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+        storage.use(storage.Storage.from_config(cfg.storage))
         # One listing of the data per plan: classes, fingerprint, and what workers decode.
         self.source = source if source is not None else DataSource(cfg.data)
         self.classes = self.source.classes

@@ -117,7 +117,7 @@ def check_output(cfg: RunConfig, *, write_probe: bool = True,
                  warnings: list[str] | None = None) -> None:
     """The output location resolves, is reachable and (``write_probe``) writable."""
     _reject_placeholder("output", cfg.output)
-    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    storage.use(storage.Storage.from_config(cfg.storage))
     if warnings is not None and cfg.execution.address and not storage.is_remote(cfg.output):
         warnings.append(f"output {cfg.output} is a local path and execution.address is set: "
                         f"every node of the cluster must see the same path (a shared volume); "

@@ -16,8 +16,9 @@ import os
 import torch
 import yaml
 
-from fadrm import __version__, shards, storage
+from fadrm import __version__, storage
 from fadrm.config import config_to_dict
+from fadrm.formats import shards
 
 log = logging.getLogger("fadrm.report")
 

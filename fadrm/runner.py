@@ -14,13 +14,14 @@ import sys
 import time
 from typing import Any
 
-from fadrm import shards, storage
+from fadrm import storage
 from fadrm.config import RunConfig
 from fadrm.errors import InputError, MissingDependencyError
 from fadrm.executors import LocalExecutor
 from fadrm.plan import RunPlan, latest_dir, report_dir
 from fadrm.preflight import check_inputs, check_plan
 from fadrm.progress import StageProgress
+from fadrm.formats import shards
 from fadrm.report import point_latest, write_report
 
 __all__ = ["EXECUTORS", "StageClock", "create_executor", "run_config", "run_pipeline",

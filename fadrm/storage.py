@@ -1,8 +1,10 @@
 """URIs -> pyarrow filesystems, with atomic writes and checksums.
 
 Every output path may be a local path or ``s3://bucket/prefix``. S3 settings come from the
-standard AWS environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``)
-plus ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for MinIO and other S3 APIs.
+:class:`Storage` in use (``Storage.from_config(cfg.storage)``, made current with :func:`use`:
+endpoint and region), then from the standard AWS environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for
+MinIO and other S3 APIs).
 
 Atomicity: local files are written to a temporary sibling and ``os.replace``d into place;
 an S3 object becomes visible only when its single PUT completes. Either way a reader never
@@ -17,13 +19,18 @@ import os
 import tempfile
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 __all__ = [
+    "Storage",
     "configure",
+    "current",
+    "use",
     "is_remote",
     "join",
     "filesystem",
@@ -51,19 +58,45 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-# Set from the run config's `storage` section (configure()); the AWS environment fills in
-# whatever the config leaves out. Credentials only ever come from the environment.
-_S3_SETTINGS: dict[str, str] = {}
+@dataclass(frozen=True)
+class Storage:
+    """Where ``s3://`` paths go: the run config's ``storage`` section; the AWS environment
+    fills in whatever it leaves out. Credentials only ever come from the environment.
 
+    One is in use per process (:func:`use`, :func:`current`); the module functions below
+    (:func:`filesystem`, :func:`read_bytes`, ...) act through it.
+    """
 
-def configure(endpoint_url: str | None = None, region: str | None = None) -> None:
-    """S3 endpoint override and region for this process (None: from the environment)."""
-    _S3_SETTINGS.clear()
-    if endpoint_url:
-        _S3_SETTINGS["endpoint_url"] = endpoint_url
-    if region:
-        _S3_SETTINGS["region"] = region
-    _s3.cache_clear()
+    endpoint_url: str | None = None
+    """S3 API endpoint (MinIO, ...); None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, or AWS."""
+    region: str | None = None
+    """None: AWS_REGION / AWS_DEFAULT_REGION."""
+
+    @classmethod
+    def from_config(cls, config: Any) -> Storage:
+        """From a ``fadrm.config.StorageConfig`` (its ``endpoint_url`` and ``region``)."""
+        return cls(config.endpoint_url or None, config.region or None)
+
+    def s3(self) -> pafs.S3FileSystem:
+        """The S3 filesystem for these settings (built once per settings and key id)."""
+        endpoint = (self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL"))
+        region = (self.region or os.environ.get("AWS_REGION")
+                  or os.environ.get("AWS_DEFAULT_REGION"))
+        # Cached per settings: building an S3FileSystem resolves credentials each time.
+        return _s3_cached(endpoint, region, os.environ.get("AWS_ACCESS_KEY_ID"))
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """The pyarrow filesystem for ``uri`` and the path inside it."""
+        uri = str(uri)
+        if uri.startswith("s3://"):
+            return self.s3(), uri[len("s3://"):]
+        if uri.startswith("file://"):
+            uri = uri[len("file://"):]
+        if is_remote(uri):
+            fs, path = pafs.FileSystem.from_uri(uri)
+            return fs, path
+        return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 
 @functools.lru_cache(maxsize=4)
@@ -78,29 +111,31 @@ def _s3_cached(endpoint: str | None, region: str | None, key_id: str | None) -> 
     return pafs.S3FileSystem(**kwargs)
 
 
-def _s3() -> pafs.S3FileSystem:
-    endpoint = (_S3_SETTINGS.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL"))
-    region = (_S3_SETTINGS.get("region") or os.environ.get("AWS_REGION")
-              or os.environ.get("AWS_DEFAULT_REGION"))
-    # Cached per settings: building an S3FileSystem resolves credentials each time.
-    return _s3_cached(endpoint, region, os.environ.get("AWS_ACCESS_KEY_ID"))
+_current = Storage()
 
 
-_s3.cache_clear = _s3_cached.cache_clear  # type: ignore[attr-defined]
+def use(store: Storage) -> Storage:
+    """Make ``store`` the storage of this process (set from the run config's ``storage``
+    section by preflight, the plan and every Ray worker); returns it."""
+    global _current
+    _current = store
+    _s3_cached.cache_clear()
+    return store
+
+
+def current() -> Storage:
+    """The storage in use in this process."""
+    return _current
+
+
+def configure(endpoint_url: str | None = None, region: str | None = None) -> Storage:
+    """S3 endpoint override and region for this process (None: from the environment)."""
+    return use(Storage(endpoint_url or None, region or None))
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem for ``uri`` and the path inside it."""
-    uri = str(uri)
-    if uri.startswith("s3://"):
-        return _s3(), uri[len("s3://"):]
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    if is_remote(uri):
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path
-    return pafs.LocalFileSystem(), str(Path(uri).absolute())
+    """The pyarrow filesystem for ``uri`` and the path inside it (:func:`current`)."""
+    return _current.filesystem(uri)
 
 
 def local_path(uri: str) -> Path | None:

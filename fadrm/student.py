@@ -37,15 +37,9 @@ from torch import nn
 from fadrm.amp import autocast, grad_scaler, to_layout
 from fadrm.config import StudentConfig
 from fadrm.data import ImageSet
+from fadrm.formats.labels import LabelRows
 from fadrm.metrics import evaluate
-from fadrm.relabel import (
-    epoch_table,
-    hard_targets,
-    is_hard,
-    soft_targets,
-    view_rows,
-    views_from_table,
-)
+from fadrm.relabel import view_rows
 from fadrm.training import Trainer, all_reduce_sum, param_groups, world as dist_world, wrap_ddp
 
 __all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "micro_batches", "param_groups",
@@ -183,21 +177,18 @@ def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dic
     lr = cosine_lr(run.cfg.lr, epoch, num_epochs, run.cfg.eta)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    table = epoch_table(table, epoch)
-    _check_num_classes(table, run.num_classes)
-    views = views_from_table(table, epoch)
-    slices = list(views.batch_slices())
+    labels = LabelRows.read(table, epoch, run.num_classes)
+    slices = list(labels.views.batch_slices())
     run.net.train()
     loss_total = torch.zeros((), dtype=torch.float64)
     for b, s in enumerate(slices):
-        loss_total += _train_step(run, views[s], table.slice(s.start, s.stop - s.start),
-                                  epoch, b)
+        loss_total += _train_step(run, labels[s], epoch, b)
     loss_total = all_reduce_sum(loss_total, run.device)
     return {"epoch": epoch, "top1": None, "top5": None,
             "loss": float(loss_total) / len(slices), "lr": lr}
 
 
-def _train_step(run: _Run, rows, batch_table: pa.Table, epoch: int, b: int) -> torch.Tensor:
+def _train_step(run: _Run, labels: LabelRows, epoch: int, b: int) -> torch.Tensor:
     """One optimiser step on one stored (global) batch; returns this rank's part of the
     batch's mean loss (the ranks' parts add up to it).
 
@@ -207,15 +198,16 @@ def _train_step(run: _Run, rows, batch_table: pa.Table, epoch: int, b: int) -> t
     gradient is the batch's mean loss gradient, whatever W is. A rank without a micro-batch
     (W > number of micro-batches) runs one zero-weight sample, as DDP needs every rank.
     """
+    rows = labels.views
     full = len(rows)
     mine = micro_batches(full, run.cfg.accumulation_steps)[run.rank::run.world]
     weights = [1.0] * len(mine)
     if not mine:
         mine, weights = [np.zeros(1, dtype=np.int64)], [0.0]
-    hard = is_hard(batch_table)
+    hard = labels.hard
     # Hard-label rows (relabel.label_mode 'hard'): cross-entropy to the CutMix-mixed
     # one-hot targets instead of KL to teacher logits.
-    targets = (hard_targets if hard else soft_targets)(batch_table, run.num_classes)
+    targets = labels.targets()
     out_size = run.images.shape[2]
     part = torch.zeros((), dtype=torch.float64)
     for k, (positions, weight) in enumerate(zip(mine, weights)):
@@ -243,11 +235,3 @@ def _train_step(run: _Run, rows, batch_table: pa.Table, epoch: int, b: int) -> t
     run.optimizer.zero_grad(set_to_none=True)
     run.steps += 1
     return part
-
-
-def _check_num_classes(table: pa.Table, num_classes: int) -> None:
-    meta = table.schema.metadata or {}
-    stored = meta.get(b"num_classes")
-    if stored is not None and int(stored) != num_classes:
-        raise ValueError(f"soft labels are for {int(stored)} classes, but the student "
-                         f"is trained for {num_classes}")

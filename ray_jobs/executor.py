@@ -140,7 +140,7 @@ def _worker_loop(config: dict) -> None:
 
     parts: list[tuple[Stage, object, int]] = config["stages"]
     cfg = parts[0][0].cfg
-    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    storage.use(storage.Storage.from_config(cfg.storage))
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

@@ -375,8 +375,8 @@ def test_log_lines_during_a_bar_get_their_own_line(monkeypatch):
 
 
 def test_json_outputs_have_readable_sidecars(two_variants, tmp_path):
-    from fadrm import shards
     from fadrm.plan import RunPlan
+    from fadrm.formats import shards
 
     _, a, _ = two_variants
     evaluate = Path(RunPlan(a).evaluate.dir)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from fadrm import shards
 from fadrm.config import load_config
 from fadrm.executors import LocalExecutor
 from fadrm.plan import RunPlan
 from fadrm.progress import StageProgress
+from fadrm.formats import shards
 from tests.conftest import tiny_run_config
 
 

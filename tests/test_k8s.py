@@ -40,6 +40,7 @@ import yaml
 import fadrm
 from fadrm import watch as w
 from fadrm.config import load_config
+from ray_jobs import watch_targets as targets
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -150,7 +151,7 @@ class _Status:
 
 def rendered_rayjob(docs) -> dict:
     """The RayJob `fadrm watch` creates from this build's template."""
-    target = w.KubernetesTarget(template_of(docs), namespace="ns", api=object())
+    target = targets.KubernetesTarget(template_of(docs), namespace="ns", api=object())
     return target.build(_Status(), "cifar100-ipc10", attempt=1)
 
 
@@ -433,7 +434,7 @@ def test_lifecycle_rules_kuberay_would_refuse_are_caught(mutate, problem):
     mutate(bad["spec"]["jobTemplate"])
     problems = w.lifecycle_problems(w.template_from_object(bad))
     assert any(problem in p for p in problems), problems
-    target = w.KubernetesTarget(bad, namespace="ns", api=object())
+    target = targets.KubernetesTarget(bad, namespace="ns", api=object())
     with pytest.raises(InputError, match="ValidationFailed"):
         target.build(_Status(), "cifar100-ipc10")
 

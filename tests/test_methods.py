@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fadrm import shards
+from fadrm.formats import shards
 from fadrm.config import ConfigError, load_config
 from fadrm.executors import LocalExecutor
 from fadrm.methods import Method, create_method, list_methods, register_method, registry

@@ -7,10 +7,10 @@ import torch
 
 import pytest
 
-from fadrm import shards
 from fadrm.config import load_config
 from fadrm.executors import LocalExecutor
 from fadrm.plan import RunPlan
+from fadrm.formats import shards
 from fadrm.runner import run_pipeline
 from tests.conftest import tiny_run_config
 
@@ -186,7 +186,7 @@ def test_damaged_shard_is_regenerated_with_identical_bytes(tmp_path, fmnist_root
 
 def test_hard_label_baseline_runs_without_teacher_logits(tmp_path, fmnist_root):
     from fadrm.models import create_model, save_weights
-    from fadrm.relabel import is_hard
+    from fadrm.formats.labels import is_hard
 
     torch.manual_seed(100)
     weights = str(tmp_path / "teacher.pt")

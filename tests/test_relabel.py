@@ -15,17 +15,19 @@ from torch import nn
 
 from fadrm.config import RelabelConfig
 from fadrm.data import normalize
-from fadrm.relabel import (
+from fadrm.formats.labels import (
     Views,
-    apply_views,
-    ensemble_logits,
     epoch_table,
-    make_views,
-    relabel_epochs,
     soft_label_schema,
     soft_targets,
-    view_batch,
     views_from_table,
+)
+from fadrm.relabel import (
+    apply_views,
+    ensemble_logits,
+    make_views,
+    relabel_epochs,
+    view_batch,
 )
 
 torch.set_num_threads(1)
@@ -305,7 +307,7 @@ def test_schema_rejects_bad_top_k():
 
 
 def test_top_k_indices_use_the_smallest_integer_type():
-    from fadrm.relabel import index_type
+    from fadrm.formats.labels import index_type
 
     assert index_type(10) == pa.uint8() and index_type(256) == pa.uint8()
     assert index_type(257) == pa.uint16() and index_type(1000) == pa.uint16()
@@ -336,7 +338,7 @@ def test_channels_last_relabel_gives_the_same_logits_and_restores_the_layout():
 
 
 def test_hard_labels_need_no_teacher_and_mix_like_cutmix():
-    from fadrm.relabel import hard_targets, is_hard
+    from fadrm.formats.labels import hard_targets, is_hard
 
     images = random_images(12, 8)
     labels = torch.tensor([0, 1, 2, 3] * 3)

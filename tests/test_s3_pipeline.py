@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from fadrm import shards, storage
+from fadrm import storage
 from fadrm.config import load_config
+from fadrm.formats import shards
 from fadrm.models import create_model, save_weights
 from fadrm.plan import RunPlan
 from tests.conftest import tiny_run_config

@@ -4,7 +4,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fadrm import shards, storage
+from fadrm import storage
+from fadrm.formats import shards
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
@@ -50,6 +51,26 @@ def test_s3_endpoint_from_config_instead_of_environment(s3_endpoint, monkeypatch
         assert storage.read_bytes("s3://fadrm-test/configured/a.bin") == b"abc"
     finally:
         storage.configure()
+
+
+def test_storage_from_the_config_section_serves_every_reader(s3_endpoint, monkeypatch):
+    """A Storage built from the config's `storage` section (no endpoint in the environment):
+    the module functions and the fingerprints' metadata reads (boto3) both go to it."""
+    from fadrm import fingerprints
+    from fadrm.config import StorageConfig
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    store = storage.Storage.from_config(StorageConfig(endpoint_url=s3_endpoint,
+                                                      region="us-east-1"))
+    assert (store.endpoint_url, store.region) == (s3_endpoint, "us-east-1")
+    try:
+        assert storage.use(store) is storage.current() is store
+        storage.write_bytes_atomic("s3://fadrm-test/from-config/w.pt", b"w" * 10)
+        assert storage.read_bytes("s3://fadrm-test/from-config/w.pt") == b"w" * 10
+        assert fingerprints.object_metadata("s3://fadrm-test/from-config/w.pt")["size"] == 10
+    finally:
+        storage.configure()
+    assert storage.current() == storage.Storage()  # back to the environment's settings
 
 
 def test_storage_endpoint_must_be_a_url():

@@ -13,14 +13,8 @@ from torch import nn
 
 from fadrm.config import RelabelConfig, StudentConfig
 from fadrm.data import ImageSet, normalize
-from fadrm.relabel import (
-    apply_views,
-    epoch_table,
-    make_views,
-    relabel_epochs,
-    soft_targets,
-    views_from_table,
-)
+from fadrm.formats.labels import epoch_table, soft_targets, views_from_table
+from fadrm.relabel import apply_views, make_views, relabel_epochs
 from fadrm.student import cosine_lr, kd_loss_sum, micro_batches, param_groups, train_student
 
 torch.set_num_threads(1)

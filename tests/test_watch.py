@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from fadrm import watch as w
+from ray_jobs import watch_targets as targets
 from tests.ray_head import private_ray_head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,9 +110,9 @@ def kube():
         yield fake
 
 
-def k8s_target(fake, **kw) -> w.KubernetesTarget:
+def k8s_target(fake, **kw) -> targets.KubernetesTarget:
     api, core = fake.client()
-    return w.KubernetesTarget(None, namespace=NS, api=api, core_api=core, **kw)
+    return targets.KubernetesTarget(None, namespace=NS, api=api, core_api=core, **kw)
 
 
 def rayjob_item(labels: dict[str, str], deployment_status: str, name: str = "fadrm-x",
@@ -308,8 +309,8 @@ def test_watch_with_kubernetes_target(run_config, kube):
 
 def test_run_watch_cli_dry_run(run_config, monkeypatch, capsys, kube):
     api, core = kube.client()
-    monkeypatch.setattr(w.KubernetesTarget, "api", property(lambda self: api))
-    monkeypatch.setattr(w, "_lineage_run_status", lambda cfg: stale())
+    monkeypatch.setattr(targets.KubernetesTarget, "api", property(lambda self: api))
+    monkeypatch.setattr("fadrm.watch.command._lineage_run_status", lambda cfg: stale())
     parser = w.add_watch_arguments(argparse.ArgumentParser(prog="fadrm watch"))
     args = parser.parse_args([
         "--config", str(run_config), "--target", "kubernetes",
@@ -391,7 +392,7 @@ def test_ray_jobs_target_against_a_real_head(ray_head, run_config):
         f"print('gate', open({str(gate)!r}).read().strip())\n"
     )
     entrypoint = f"{sys.executable} {job_script}"
-    target = w.RayJobsTarget(ray_head.address, entrypoint=entrypoint, token=ray_head.token)
+    target = targets.RayJobsTarget(ray_head.address, entrypoint=entrypoint, token=ray_head.token)
     client = target.client
     try:
         # 1. stale, nothing running -> exactly one job, named from its fingerprints.

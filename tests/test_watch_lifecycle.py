@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from fadrm import watch as w
+from ray_jobs import watch_targets as targets
 from tests.kube_fake import FakeKubeAPI
 from tests.test_watch import (NS, TEMPLATE, k8s_target, kube, run_config, stale,  # noqa: F401
                               up_to_date, watch_role_rules)
@@ -141,9 +142,9 @@ def test_a_run_that_succeeded_without_making_the_run_up_to_date_counts(run_confi
 
 def test_cli_exits_3_in_back_off_and_0_otherwise(run_config, kube, monkeypatch, capsys):
     api, core = kube.client()
-    monkeypatch.setattr(w.KubernetesTarget, "api", property(lambda self: api))
-    monkeypatch.setattr(w.KubernetesTarget, "core", property(lambda self: core))
-    monkeypatch.setattr(w, "_lineage_run_status", lambda cfg: stale())
+    monkeypatch.setattr(targets.KubernetesTarget, "api", property(lambda self: api))
+    monkeypatch.setattr(targets.KubernetesTarget, "core", property(lambda self: core))
+    monkeypatch.setattr("fadrm.watch.command._lineage_run_status", lambda cfg: stale())
     monkeypatch.setenv("POD_NAMESPACE", NS)  # the downward API of the CronJob pod
     parser = w.add_watch_arguments(argparse.ArgumentParser(prog="fadrm watch"))
     args = parser.parse_args([str(run_config), "--max-failures", "1"])
@@ -166,7 +167,7 @@ def test_racing_watches_create_one_rayjob(run_config, kube):
     same moment, both see nothing, both create: one RayJob, and both succeed."""
     barrier = threading.Barrier(2, timeout=30)
 
-    class Racing(w.KubernetesTarget):
+    class Racing(targets.KubernetesTarget):
         def runs(self, run_name):
             listing = super().runs(run_name)
             barrier.wait()  # both have listed before either creates
@@ -318,9 +319,9 @@ def test_the_template_comes_from_the_deployed_overlay(run_config, tmp_path):
 
 def test_the_namespace_comes_from_the_pod(monkeypatch):
     monkeypatch.setenv("POD_NAMESPACE", "team-a")
-    assert w.KubernetesTarget(None, api=object()).namespace == "team-a"
+    assert targets.KubernetesTarget(None, api=object()).namespace == "team-a"
     monkeypatch.delenv("POD_NAMESPACE")
-    assert w.KubernetesTarget(None, namespace="x", api=object()).namespace == "x"
+    assert targets.KubernetesTarget(None, namespace="x", api=object()).namespace == "x"
 
 
 def test_a_template_kuberay_would_refuse_is_bad_input(run_config, kube):
@@ -345,7 +346,7 @@ def test_up_to_date_costs_no_cluster_call(run_config, kube):
 def test_a_missing_template_is_bad_input(run_config):
     with FakeKubeAPI(NS, watch_role_rules()) as fake:  # nothing deployed
         api, core = fake.client()
-        target = w.KubernetesTarget(None, namespace=NS, api=api, core_api=core)
+        target = targets.KubernetesTarget(None, namespace=NS, api=api, core_api=core)
         from fadrm.errors import InputError
 
         with pytest.raises(InputError, match="fadrm-run-template.*apply an overlay"):

@@ -18,7 +18,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from fadrm import shards, storage
+from fadrm import storage
+from fadrm.formats import shards
 from fadrm.config import RunConfig
 from fadrm.lineage import StageKey
 

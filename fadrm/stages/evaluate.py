@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from fadrm import shards, storage
+from fadrm import storage
+from fadrm.formats import shards
 from fadrm.config import StudentConfig
 from fadrm.datasource import load_distilled
 from fadrm.lineage import StageKey

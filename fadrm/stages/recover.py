@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from fadrm import shards, storage
+from fadrm import storage
+from fadrm.formats import shards
 from fadrm.config import RecoverConfig
 from fadrm.data import normalize
 from fadrm.lineage import StageKey

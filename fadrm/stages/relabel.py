@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fadrm import shards, storage
+from fadrm import storage
+from fadrm.formats import shards
 from fadrm.config import RelabelConfig
 from fadrm.datasource import load_distilled
 from fadrm.lineage import StageKey

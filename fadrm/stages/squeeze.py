@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from fadrm import shards, storage
+from fadrm import storage
+from fadrm.formats import shards
 from fadrm.config import SqueezeConfig
 from fadrm.lineage import StageKey
 from fadrm.stages.base import Stage, StagePlan, WorkerContext, teacher_model, unit_seed
