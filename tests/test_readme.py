@@ -200,3 +200,29 @@ def test_readme_ray_job_submit_block_runs_as_written(fmnist_root):
                                                             "relabel", "evaluate"}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- links between the pages -----------------------------------------------------------------
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces -> '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto: not checked here
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.relative_to(REPO)}: link to missing {target}"
+            if anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.M)
+                assert anchor in {_anchor(h) for h in headings}, (
+                    f"{page.relative_to(REPO)}: no heading for #{anchor} in {path or page.name}")
+            checked += 1
+    assert checked >= 20
