@@ -116,6 +116,49 @@ def _patched(bn: str, aug: str):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args = _parse_args(argv)
+    results = common.results_dir(args.quick, args.results)
+    threads = common.set_threads(args.threads)
+    info = common.machine_info()
+    per_stage = args.iterations or (1 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 3)
+    with_compile = args.compile if args.compile is not None else not args.quick
+    peaks = _Peaks(((1024, 2048), 3) if args.quick else ((1024, 2048, 4096), 5))
+    started = time.perf_counter()
+
+    peaks.measure()
+    print(f"[{NAME}] matmul peak: bf16 {peaks.rates['bf16'][0] / 1e9:.1f}, fp32 "
+          f"{peaks.rates['fp32'][0] / 1e9:.1f} GFLOP/s", flush=True)
+    names = [n for n in VARIANTS if with_compile or not VARIANTS[n][4]]
+    flops, per_iter, compile_seconds = _time_variants(names, per_stage, repeats)
+    peaks.measure()
+
+    rows = _rows(per_iter, flops, peaks)
+    # The headline is the fastest complete recover (all of CE + BN loss + augmentation).
+    complete = [n for n in names if VARIANTS[n][2] != "none" and VARIANTS[n][3] != "none"]
+    best = min(complete, key=lambda n: rows[n]["seconds_per_iteration"])
+    out = {
+        "quick": args.quick, "machine": info, "threads": threads,
+        "setting": {"model": "resnet18 (small-image stem)", "classes": CLASSES, "batch": BATCH,
+                    "resolution": SIZE, "stages": 4, "iterations_per_stage": per_stage,
+                    "repeats": repeats},
+        "best_setting": best, "shipped_default": DEFAULT,
+        "fraction_of_bf16_peak": rows[best]["fraction_of_bf16_peak"],
+        "fraction_of_fp32_peak": rows[best]["fraction_of_fp32_peak"],
+        "default_fraction_of_bf16_peak": rows[DEFAULT]["fraction_of_bf16_peak"],
+        "target_fraction_of_bf16_peak": TARGET,
+        "met": rows[best]["fraction_of_bf16_peak"] >= TARGET,
+        "matmul_peak_gflops": peaks.summary(),
+        "teacher_gflop_per_iteration": {k: v / 1e9 for k, v in flops.items()},
+        "compile_seconds": compile_seconds,
+        "variants": rows,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    _write(out, peaks, results)
+    return out
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
@@ -128,52 +171,62 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results", default=None, metavar="DIR",
                         help="results folder (default: benchmarks/results, or "
                              "benchmarks/work/results-quick with --quick)")
-    args = parser.parse_args(argv)
-    results = common.results_dir(args.quick, args.results)
+    return parser.parse_args(argv)
 
+
+BATCH, SIZE, CLASSES = 100, 32, 100
+MEAN, STD = [0.507, 0.487, 0.441], [0.267, 0.256, 0.276]
+
+
+class _Peaks:
+    """The bf16 and fp32 ``torch.mm`` peaks, measured before and after the variants (the
+    higher counts)."""
+
+    def __init__(self, sizes_and_repeats: tuple[tuple[int, ...], int]):
+        self.sizes, self.repeats = sizes_and_repeats
+        self.rates: dict[str, list[float]] = {"bf16": [], "fp32": []}
+        self.by_size: dict[str, list] = {"bf16": [], "fp32": []}
+
+    def measure(self) -> None:
+        import torch
+
+        for key, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            best, rates = matmul_peak(dtype, self.sizes, self.repeats)
+            self.rates[key].append(best)
+            self.by_size[key].append({str(n): r / 1e9 for n, r in rates.items()})
+
+    def best(self, key: str) -> float:
+        return max(self.rates[key])
+
+    def summary(self) -> dict:
+        return {"bf16": self.best("bf16") / 1e9, "fp32": self.best("fp32") / 1e9,
+                "bf16_all": [p / 1e9 for p in self.rates["bf16"]],
+                "fp32_all": [p / 1e9 for p in self.rates["fp32"]],
+                "by_size_gflops": self.by_size, "sizes": list(self.sizes)}
+
+
+def _time_variants(names: list[str], per_stage: int,
+                   repeats: int) -> tuple[dict, dict[str, list[float]], float | None]:
+    """The teacher's FLOPs per iteration (bf16, fp32), every variant's seconds per recover
+    iteration over the repeats, and the one-off compile time (None when not compiled)."""
     import torch
 
     from fadrm.config import RecoverConfig
     from fadrm.models import create_model
     from fadrm.synthesis import recover
 
-    threads = common.set_threads(args.threads)
-    info = common.machine_info()
-    per_stage = args.iterations or (1 if args.quick else 5)
-    repeats = args.repeats or (2 if args.quick else 3)
-    with_compile = args.compile if args.compile is not None else not args.quick
-    mm_sizes, mm_repeats = ((1024, 2048), 3) if args.quick else ((1024, 2048, 4096), 5)
-    batch, size, classes = 100, 32, 100
-    cpu = torch.device("cpu")
-    started = time.perf_counter()
-
-    by_size: dict[str, list] = {"bf16": [], "fp32": []}
-    peaks: dict[str, list[float]] = {"bf16": [], "fp32": []}
-
-    def measure_peaks() -> None:
-        for key, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            best, rates = matmul_peak(dtype, mm_sizes, mm_repeats)
-            peaks[key].append(best)
-            by_size[key].append({str(n): r / 1e9 for n, r in rates.items()})
-
-    measure_peaks()
-    print(f"[{NAME}] matmul peak: bf16 {peaks['bf16'][0] / 1e9:.1f}, fp32 "
-          f"{peaks['fp32'][0] / 1e9:.1f} GFLOP/s", flush=True)
-
     torch.manual_seed(0)
-    teacher = create_model("resnet18", classes, 3, size).eval()
-    flops = {"bf16": teacher_flops(teacher, batch, size, True),
-             "fp32": teacher_flops(teacher, batch, size, False)}
+    teacher = create_model("resnet18", CLASSES, 3, SIZE).eval()
+    flops = {"bf16": teacher_flops(teacher, BATCH, SIZE, True),
+             "fp32": teacher_flops(teacher, BATCH, SIZE, False)}
     gen = torch.Generator().manual_seed(1)
-    init = torch.randn(batch, 3, size, size, generator=gen).clamp(-2, 2)
-    labels = torch.arange(batch) % classes
-    mean, std = [0.507, 0.487, 0.441], [0.267, 0.256, 0.276]
-
-    names = [n for n in VARIANTS if with_compile or not VARIANTS[n][4]]
+    init = torch.randn(BATCH, 3, SIZE, SIZE, generator=gen).clamp(-2, 2)
+    labels = torch.arange(BATCH) % CLASSES
+    cpu = torch.device("cpu")
 
     def config(name: str, iters: int) -> RecoverConfig:
         method, nhwc, bn, _, comp = VARIANTS[name]
-        cfg = RecoverConfig(method=method, resolutions=[size] * 4, stage_iterations=[iters] * 4,
+        cfg = RecoverConfig(method=method, resolutions=[SIZE] * 4, stage_iterations=[iters] * 4,
                             lr=0.05, r_bn=0.0 if bn == "none" else 0.01, channels_last=nhwc,
                             compile=comp)
         cfg.validate("recover")
@@ -183,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         _, _, bn, aug, _ = VARIANTS[name]
         with _patched(bn, aug):
             start = time.perf_counter()
-            recover(init, labels, [teacher], config(name, iters), mean, std, size, seed=0,
+            recover(init, labels, [teacher], config(name, iters), MEAN, STD, SIZE, seed=0,
                     device=cpu)
             return time.perf_counter() - start
 
@@ -198,65 +251,52 @@ def main(argv: list[str] | None = None) -> dict:
         for name in names:
             per_iter[name].append(run(name, per_stage) / (4 * per_stage))
         print(f"[{NAME}] repeat {r + 1}/{repeats} done", flush=True)
+    return flops, per_iter, compile_seconds
 
-    measure_peaks()
-    peak_bf16, peak_fp32 = max(peaks["bf16"]), max(peaks["fp32"])
 
+def _rows(per_iter: dict[str, list[float]], flops: dict, peaks: _Peaks) -> dict:
+    """One row per variant: the median time per iteration and the fractions of the peaks."""
     rows = {}
-    for name in names:
+    for name, times in per_iter.items():
         method = VARIANTS[name][0]
         f = flops["bf16" if method == "fadrm" else "fp32"]
-        secs = common.median(per_iter[name])
+        secs = common.median(times)
         rate = f / secs
         rows[name] = {
             "method": method, "channels_last": VARIANTS[name][1], "bn_stats": VARIANTS[name][2],
             "augmentation": VARIANTS[name][3], "compile": VARIANTS[name][4],
-            "seconds_per_iteration": secs, "seconds_all": per_iter[name],
+            "seconds_per_iteration": secs, "seconds_all": times,
             "teacher_gflop_per_iteration": f / 1e9, "achieved_gflops": rate / 1e9,
-            "fraction_of_bf16_peak": rate / peak_bf16, "fraction_of_fp32_peak": rate / peak_fp32,
+            "fraction_of_bf16_peak": rate / peaks.best("bf16"),
+            "fraction_of_fp32_peak": rate / peaks.best("fp32"),
         }
-    # The headline is the fastest complete recover (all of CE + BN loss + augmentation).
-    complete = [n for n in names if VARIANTS[n][2] != "none" and VARIANTS[n][3] != "none"]
-    best = min(complete, key=lambda n: rows[n]["seconds_per_iteration"])
-    out = {
-        "quick": args.quick, "machine": info, "threads": threads,
-        "setting": {"model": "resnet18 (small-image stem)", "classes": classes, "batch": batch,
-                    "resolution": size, "stages": 4, "iterations_per_stage": per_stage,
-                    "repeats": repeats},
-        "best_setting": best, "shipped_default": DEFAULT,
-        "fraction_of_bf16_peak": rows[best]["fraction_of_bf16_peak"],
-        "fraction_of_fp32_peak": rows[best]["fraction_of_fp32_peak"],
-        "default_fraction_of_bf16_peak": rows[DEFAULT]["fraction_of_bf16_peak"],
-        "target_fraction_of_bf16_peak": TARGET,
-        "met": rows[best]["fraction_of_bf16_peak"] >= TARGET,
-        "matmul_peak_gflops": {"bf16": peak_bf16 / 1e9, "fp32": peak_fp32 / 1e9,
-                               "bf16_all": [p / 1e9 for p in peaks["bf16"]],
-                               "fp32_all": [p / 1e9 for p in peaks["fp32"]],
-                               "by_size_gflops": by_size, "sizes": list(mm_sizes)},
-        "teacher_gflop_per_iteration": {k: v / 1e9 for k, v in flops.items()},
-        "compile_seconds": compile_seconds,
-        "variants": rows,
-        "wall_seconds": time.perf_counter() - started,
-    }
+    return rows
+
+
+def _write(out: dict, peaks: _Peaks, results) -> None:
+    """``hardware_limit.{json,md}`` in ``results``, and the headline on stdout."""
     written = common.write_json(NAME, out, results)
+    rows, best = out["variants"], out["best_setting"]
     table = common.markdown_table(
         ["variant", "s / iteration", "GFLOP/s", "of bf16 peak", "of fp32 peak"],
         [[n, r["seconds_per_iteration"], r["achieved_gflops"], r["fraction_of_bf16_peak"],
           r["fraction_of_fp32_peak"]] for n, r in rows.items()], digits=3)
-    head = (f"Machine: {common.machine_line(info)}. {'QUICK smoke size. ' if args.quick else ''}"
-            f"Matmul peak (best torch.mm over n = {', '.join(map(str, mm_sizes))}, "
-            f"{threads} threads): bf16 "
-            f"{peak_bf16 / 1e9:.1f} GFLOP/s, fp32 {peak_fp32 / 1e9:.1f} GFLOP/s. Teacher "
-            f"forward+backward {flops['bf16'] / 1e9:.1f} GFLOP per iteration. Best complete "
-            f"setting: **{best}** at {out['fraction_of_bf16_peak']:.0%} of the bf16 peak "
-            f"({out['fraction_of_fp32_peak']:.0%} of fp32)."
+    compile_seconds = out["compile_seconds"]
+    head = (f"Machine: {common.machine_line(out['machine'])}. "
+            f"{'QUICK smoke size. ' if out['quick'] else ''}"
+            f"Matmul peak (best torch.mm over n = {', '.join(map(str, peaks.sizes))}, "
+            f"{out['threads']} threads): bf16 "
+            f"{peaks.best('bf16') / 1e9:.1f} GFLOP/s, fp32 {peaks.best('fp32') / 1e9:.1f} "
+            f"GFLOP/s. Teacher forward+backward "
+            f"{out['teacher_gflop_per_iteration']['bf16']:.1f} GFLOP per iteration. Best "
+            f"complete setting: **{best}** at {out['fraction_of_bf16_peak']:.0%} of the bf16 "
+            f"peak ({out['fraction_of_fp32_peak']:.0%} of fp32)."
             + (f" torch.compile took {compile_seconds:.0f} s to compile."
                if compile_seconds else " torch.compile not measured in this run."))
     common.write_markdown(NAME, "Distance to the hardware limit", [head, table], results)
     print(f"[{NAME}] results: {written} (and .md)", flush=True)
     print(json.dumps({k: out[k] for k in ("best_setting", "fraction_of_bf16_peak",
                                           "fraction_of_fp32_peak")}, indent=1))
-    return out
 
 
 if __name__ == "__main__":

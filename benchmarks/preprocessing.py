@@ -189,19 +189,36 @@ def main(argv: list[str] | None = None) -> int:
     teacher_top1 = top1(teacher, vals)
     print("teacher top-1", json.dumps(teacher_top1), flush=True)
 
-    runs = []
-    for variant, select in VARIANTS.items():
-        for seed in size["seeds"]:
-            t = time.perf_counter()
-            cfg = run_config(root, work / f"runs-{tag}", weights, select, seed, size)
-            plan = run_stages(cfg)
-            student = load_model(str(Path(plan.evaluate.dir) / "student.pt"))
-            run = {"variant": variant, "seed": seed, "select": select,
-                   "realism": mean_realism(plan, teacher), "student_top1": top1(student, vals),
-                   "seconds": round(time.perf_counter() - t, 1)}
-            runs.append(run)
-            print(json.dumps(run), flush=True)
+    runs = [_run_variant(variant, select, seed, root, work / f"runs-{tag}", weights, teacher,
+                         vals, size)
+            for variant, select in VARIANTS.items() for seed in size["seeds"]]
+    rows = _rows(runs)
+    out = {"quick": args.quick, "size": size, "threads": threads, "machine": machine,
+           "canvas_hw": list(CANVAS), "object_side": OBJECT, "resolution": RESOLUTION,
+           "teacher": {"model": "convnet", "squeeze": squeeze, "top1": teacher_top1},
+           "runs": runs, "rows": rows,
+           "seconds": {"write_tree": round(wrote, 1),
+                       "total": round(time.perf_counter() - start, 1)}}
+    _write(out, common.results_dir(args.quick, args.out))
+    return 0
 
+
+def _run_variant(variant: str, select: dict, seed: int, root: Path, runs_dir: Path, weights,
+                 teacher, vals, size: dict) -> dict:
+    """One RDED run with ``select``: the realism of what it selected, the student's top-1."""
+    t = time.perf_counter()
+    cfg = run_config(root, runs_dir, weights, select, seed, size)
+    plan = run_stages(cfg)
+    student = load_model(str(Path(plan.evaluate.dir) / "student.pt"))
+    run = {"variant": variant, "seed": seed, "select": select,
+           "realism": mean_realism(plan, teacher), "student_top1": top1(student, vals),
+           "seconds": round(time.perf_counter() - t, 1)}
+    print(json.dumps(run), flush=True)
+    return run
+
+
+def _rows(runs: list[dict]) -> list[dict]:
+    """Per variant: mean +- std of the realism and of top-1 on each validation crop."""
     rows = []
     for variant in VARIANTS:
         mine = [r for r in runs if r["variant"] == variant]
@@ -209,14 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in RATIOS:
             row[ratio] = common.mean_std([r["student_top1"][ratio] for r in mine])
         rows.append(row)
-    out = {"quick": args.quick, "size": size, "threads": threads, "machine": machine,
-           "canvas_hw": list(CANVAS), "object_side": OBJECT, "resolution": RESOLUTION,
-           "teacher": {"model": "convnet", "squeeze": squeeze, "top1": teacher_top1},
-           "runs": runs, "rows": rows,
-           "seconds": {"write_tree": round(wrote, 1),
-                       "total": round(time.perf_counter() - start, 1)}}
-    results = common.results_dir(args.quick, args.out)
+    return rows
+
+
+def _write(out: dict, results: Path) -> None:
+    """``preprocessing.{json,md}`` in ``results``."""
     path = common.write_json(NAME, out, results)
+    size, rows, teacher_top1 = out["size"], out["rows"], out["teacher"]["top1"]
     seeds = len(size["seeds"])
     table = common.markdown_table(
         ["select", "mean realism (-CE)", *[f"student top-1, val {r}" for r in RATIOS]],
@@ -227,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                           "64 px)", [f"Teacher (ConvNet) top-1: {teacher_line}.",
                                      f"RDED, IPC {size['ipc']}, mean +- std over {seeds} "
                                      f"seed(s):\n\n{table}",
-                                     f"Machine: {common.machine_line(machine)}."], results)
+                                     f"Machine: {common.machine_line(out['machine'])}."],
+                          results)
     print(f"wrote {path} in {out['seconds']['total']:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

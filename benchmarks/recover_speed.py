@@ -219,15 +219,7 @@ def _table(name: str, res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke size (~2 min)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = _parse_args(argv)
     if args.child:
         common.emit(child(json.loads(args.child)))
         return {}
@@ -237,28 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     threads = common.set_threads(args.threads)
     info = common.machine_info()
     started = time.perf_counter()
-    results: dict = {}
-    for name in args.settings:
-        batch, per_stage, repeats = SIZES[size][name]
-        repeats = args.repeats or repeats
-        res = {"batch": batch, "iterations": per_stage * 4, "repeats": repeats,
-               **SETTINGS[name], "variants": {}}
-        for variant in variants:
-            spec = {"setting": name, "variant": variant, "batch": batch,
-                    "per_stage": per_stage, "repeats": repeats, "threads": threads,
-                    "device": args.device}
-            print(f"[{NAME}] {name} / {variant} ...", flush=True)
-            res["variants"][variant] = common.run_child(
-                "benchmarks.recover_speed", ["--child", json.dumps(spec)])
-            r = res["variants"][variant]
-            print(f"    {r['img_iter_per_s']:.2f} img-iter/s, working {r['working_mib']:.0f} "
-                  f"MiB, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
-        v = res["variants"]
-        if "naive" in v and "fadrm" in v:
-            res["speedup"] = v["fadrm"]["img_iter_per_s"] / v["naive"]["img_iter_per_s"]
-            res["peak_memory_ratio"] = v["fadrm"]["working_mib"] / v["naive"]["working_mib"]
-            res["peak_rss_ratio_total"] = v["fadrm"]["peak_rss_mib"] / v["naive"]["peak_rss_mib"]
-        results[name] = res
+    results = {name: _measure_setting(name, SIZES[size][name], variants, threads, args)
+               for name in args.settings}
 
     headline = "imagenet224" if "imagenet224" in results else args.settings[0]
     head = results[headline]
@@ -278,18 +250,59 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": results,
         "wall_seconds": time.perf_counter() - started,
     }
-    common.write_json(NAME, out, common.results_dir(bool(out.get("quick"))))
-    quick = "QUICK smoke size. " if args.quick else ""
-    sections = [f"Machine: {common.machine_line(info)}. {quick}"
-                f"Headline ({headline}): speedup {common.fmt(out['speedup'])}x, working-memory "
-                f"ratio {common.fmt(out['peak_memory_ratio'])}, whole-peak ratio "
+    _write(out)
+    return out
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke size (~2 min)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _measure_setting(name: str, sizes: tuple, variants: list[str], threads: int, args) -> dict:
+    """Every variant of one setting, each in a fresh process; fadrm against naive."""
+    batch, per_stage, repeats = sizes
+    repeats = args.repeats or repeats
+    res = {"batch": batch, "iterations": per_stage * 4, "repeats": repeats,
+           **SETTINGS[name], "variants": {}}
+    for variant in variants:
+        spec = {"setting": name, "variant": variant, "batch": batch,
+                "per_stage": per_stage, "repeats": repeats, "threads": threads,
+                "device": args.device}
+        print(f"[{NAME}] {name} / {variant} ...", flush=True)
+        res["variants"][variant] = common.run_child(
+            "benchmarks.recover_speed", ["--child", json.dumps(spec)])
+        r = res["variants"][variant]
+        print(f"    {r['img_iter_per_s']:.2f} img-iter/s, working {r['working_mib']:.0f} "
+              f"MiB, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+    v = res["variants"]
+    if "naive" in v and "fadrm" in v:
+        res["speedup"] = v["fadrm"]["img_iter_per_s"] / v["naive"]["img_iter_per_s"]
+        res["peak_memory_ratio"] = v["fadrm"]["working_mib"] / v["naive"]["working_mib"]
+        res["peak_rss_ratio_total"] = v["fadrm"]["peak_rss_mib"] / v["naive"]["peak_rss_mib"]
+    return res
+
+
+def _write(out: dict) -> None:
+    """``recover_speed.{json,md}`` and the headline on stdout."""
+    results = common.results_dir(bool(out.get("quick")))
+    common.write_json(NAME, out, results)
+    quick = "QUICK smoke size. " if out["quick"] else ""
+    sections = [f"Machine: {common.machine_line(out['machine'])}. {quick}"
+                f"Headline ({out['headline_setting']}): speedup {common.fmt(out['speedup'])}x, "
+                f"working-memory ratio {common.fmt(out['peak_memory_ratio'])}, whole-peak ratio "
                 f"{common.fmt(out['peak_rss_ratio_total'])}."]
-    sections += [_table(name, res) for name, res in results.items()]
-    common.write_markdown(NAME, "Recover speed and memory", sections,
-                          common.results_dir(bool(out.get("quick"))))
+    sections += [_table(name, res) for name, res in out["settings"].items()]
+    common.write_markdown(NAME, "Recover speed and memory", sections, results)
     print(json.dumps({k: out[k] for k in ("speedup", "peak_memory_ratio",
                                           "peak_rss_ratio_total")}, indent=1))
-    return out
 
 
 if __name__ == "__main__":

@@ -106,8 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=common.WORK)
     args = parser.parse_args(argv)
 
-    import ray
-
     ipc = args.ipc or (6 if args.quick else 12)
     iterations = args.iterations or (40 if args.quick else 150)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -117,21 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     weights = common.train_teachers(data_section("fmnist", budget), [{"model": "convnet"}],
                                     squeeze_section("fmnist", budget), args.work / "fmnist",
                                     "cpu")[0]
-    runs: dict[int, list[dict]] = {1: [], 2: []}
-    try:
-        for r in range(repeats):
-            for workers in (1, 2):
-                with tempfile.TemporaryDirectory(prefix="fadrm-scaling-") as tmp:
-                    res = timed_recover(recover_config(Path(tmp), weights, ipc, iterations,
-                                                       workers))
-                runs[workers].append(res)
-                print(f"[{NAME}] repeat {r + 1}, {workers} worker(s): steady "
-                      f"{res.get('steady_units_per_s', float('nan')):.3f} units/s, wall "
-                      f"{res['wall_units_per_s']:.3f} units/s ({res['wall_seconds']:.1f} s)",
-                      flush=True)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    runs = _time_workers(weights, ipc, iterations, repeats)
 
     def med(workers: int, key: str) -> float:
         return common.median(r[key] for r in runs[workers] if r.get(key) is not None)
@@ -151,19 +135,49 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": {str(k): v for k, v in runs.items()},
         "wall_seconds": time.perf_counter() - started,
     }
-    common.write_json(NAME, out, common.results_dir(bool(out.get("quick"))))
+    _write(out, steady, wall)
+    return out
+
+
+def _time_workers(weights, ipc: int, iterations: int, repeats: int) -> dict[int, list[dict]]:
+    """The recover stage with 1 and 2 Ray Train workers, alternating, ``repeats`` times."""
+    import ray
+
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    try:
+        for r in range(repeats):
+            for workers in (1, 2):
+                with tempfile.TemporaryDirectory(prefix="fadrm-scaling-") as tmp:
+                    res = timed_recover(recover_config(Path(tmp), weights, ipc, iterations,
+                                                       workers))
+                runs[workers].append(res)
+                print(f"[{NAME}] repeat {r + 1}, {workers} worker(s): steady "
+                      f"{res.get('steady_units_per_s', float('nan')):.3f} units/s, wall "
+                      f"{res['wall_units_per_s']:.3f} units/s ({res['wall_seconds']:.1f} s)",
+                      flush=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    return runs
+
+
+def _write(out: dict, steady: dict, wall: dict) -> None:
+    """``scaling.{json,md}`` and the headline on stdout."""
+    results = common.results_dir(bool(out.get("quick")))
+    common.write_json(NAME, out, results)
     table = common.markdown_table(
         ["workers", "steady units/s", "wall units/s (with start-up)"],
         [[w, steady[w], wall[w]] for w in (1, 2)], digits=3)
-    head = (f"Machine: {common.machine_line(info)}. {'QUICK smoke size. ' if args.quick else ''}"
-            f"Recover, {ipc} units x {4 * iterations} iterations, 1 thread per worker. "
+    setting = out["setting"]
+    head = (f"Machine: {common.machine_line(out['machine'])}. "
+            f"{'QUICK smoke size. ' if out['quick'] else ''}"
+            f"Recover, {setting['units']} units x {setting['iterations_per_unit']} iterations, "
+            f"1 thread per worker. "
             f"Speedup with 2 workers: {out['speedup_2_workers']:.2f}x steady, "
             f"{out['speedup_2_workers_wall']:.2f}x including Ray Train start-up.")
-    common.write_markdown(NAME, "Scaling over Ray workers", [head, table],
-                         common.results_dir(bool(out.get("quick"))))
+    common.write_markdown(NAME, "Scaling over Ray workers", [head, table], results)
     print(json.dumps({k: out[k] for k in ("speedup_2_workers", "speedup_2_workers_wall")},
                      indent=1))
-    return out
 
 
 if __name__ == "__main__":

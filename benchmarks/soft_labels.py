@@ -126,21 +126,9 @@ def compact_views_projection(uri: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--dataset", choices=list(common.DATASETS), default=None)
-    parser.add_argument("--ks", nargs="+", type=int, default=None, help="top-k values (0 = full)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=None)
-    parser.add_argument("--ipc", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=None, help="relabel / student epochs")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--work", type=Path, default=common.WORK)
-    args = parser.parse_args(argv)
+    from fadrm.config import RelabelConfig
 
-    from fadrm.config import RelabelConfig, load_config
-    from fadrm.plan import RunPlan
-
+    args = _parse_args(argv)
     budget = copy.deepcopy(BUDGETS["quick" if args.quick else "cpu"])
     if args.epochs:
         budget["epochs"] = args.epochs
@@ -156,30 +144,77 @@ def main(argv: list[str] | None = None) -> dict:
     weights = common.train_teachers(data_section(dataset, budget), [{"model": budget["teacher"]}],
                                     squeeze_section(dataset, budget), args.work / dataset,
                                     args.device)
-    runs = []
-    for seed in seeds:
-        for k in ks:
-            cfg = run_config(dataset, "fadrm", args.ipc, seed, budget, weights,
-                             args.work / dataset, args.device)
-            cfg["relabel"]["top_k"] = k
-            cfg["name"] = f"{cfg['name']}-top{k}"
-            t0 = time.perf_counter()
-            metrics = common.run_local(cfg, args.device)
-            plan = RunPlan(load_config(cfg))
-            total, uris = _shard_bytes(plan.relabel)
-            split = _column_split(uris)
-            image_epochs = plan.num_classes * args.ipc * budget["epochs"]
-            runs.append({
-                "seed": seed, "k": k, "top1": metrics["student_top1"],
-                "shard_bytes_per_image_epoch": total / image_epochs,
-                "label_bytes_per_image_epoch": split["label_bytes"] / image_epochs,
-                "view_bytes_per_image_epoch": split["view_bytes"] / image_epochs,
-                "seconds": time.perf_counter() - t0, "relabel_uris": uris,
-            })
-            print(f"[{NAME}] seed {seed} k={k}: top-1 {metrics['student_top1']:.2f} %, "
-                  f"{total / image_epochs:.1f} B/image-epoch (labels "
-                  f"{split['label_bytes'] / image_epochs:.1f})", flush=True)
+    runs = [_measure(dataset, seed, k, args, budget, weights) for seed in seeds for k in ks]
+    per_k = _per_k(runs, ks, seeds)
+    default_k = RelabelConfig().top_k
+    chosen = per_k.get(str(default_k), per_k["0"])
+    within = [int(k) for k, v in per_k.items() if v["top1_delta_mean"] >= TARGET["top1_delta"]]
+    smallest = min(within, key=lambda k: per_k[str(k)]["shard_bytes_per_image_epoch"])
+    out = {
+        "quick": args.quick, "machine": info, "threads": threads, "dataset": dataset,
+        "ipc": args.ipc, "epochs": budget["epochs"], "seeds": seeds, "ks": ks,
+        "student": budget["student"], "teacher": budget["teacher"],
+        "default_top_k": default_k,
+        "bytes_ratio": chosen["bytes_ratio_shard"],
+        "bytes_ratio_labels": chosen["bytes_ratio_labels"],
+        "top1_delta": chosen["top1_delta_mean"],
+        "smallest_k_within_half_point": smallest,
+        "smallest_k_bytes_ratio": per_k[str(smallest)]["bytes_ratio_shard"],
+        "smallest_k_bytes_ratio_labels": per_k[str(smallest)]["bytes_ratio_labels"],
+        "target": TARGET,
+        "per_k": per_k,
+        "projection_label_bytes": projection(),
+        "compact_views": compact_views_projection(runs[0]["relabel_uris"][0]),
+        "runs": runs,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    _write(out, common.results_dir(args.quick))
+    return out
 
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dataset", choices=list(common.DATASETS), default=None)
+    parser.add_argument("--ks", nargs="+", type=int, default=None, help="top-k values (0 = full)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=None, help="relabel / student epochs")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--work", type=Path, default=common.WORK)
+    return parser.parse_args(argv)
+
+
+def _measure(dataset: str, seed: int, k: int, args, budget: dict, weights) -> dict:
+    """One FADRM run labelled with top-``k`` (0: full fp16): its top-1 and shard bytes."""
+    from fadrm.config import load_config
+    from fadrm.plan import RunPlan
+
+    cfg = run_config(dataset, "fadrm", args.ipc, seed, budget, weights,
+                     args.work / dataset, args.device)
+    cfg["relabel"]["top_k"] = k
+    cfg["name"] = f"{cfg['name']}-top{k}"
+    t0 = time.perf_counter()
+    metrics = common.run_local(cfg, args.device)
+    plan = RunPlan(load_config(cfg))
+    total, uris = _shard_bytes(plan.relabel)
+    split = _column_split(uris)
+    image_epochs = plan.num_classes * args.ipc * budget["epochs"]
+    print(f"[{NAME}] seed {seed} k={k}: top-1 {metrics['student_top1']:.2f} %, "
+          f"{total / image_epochs:.1f} B/image-epoch (labels "
+          f"{split['label_bytes'] / image_epochs:.1f})", flush=True)
+    return {
+        "seed": seed, "k": k, "top1": metrics["student_top1"],
+        "shard_bytes_per_image_epoch": total / image_epochs,
+        "label_bytes_per_image_epoch": split["label_bytes"] / image_epochs,
+        "view_bytes_per_image_epoch": split["view_bytes"] / image_epochs,
+        "seconds": time.perf_counter() - t0, "relabel_uris": uris,
+    }
+
+
+def _per_k(runs: list[dict], ks: list[int], seeds: list[int]) -> dict:
+    """Per k: mean top-1, its paired delta against full fp16, bytes and their ratios."""
     per_k = {}
     full = {s: next(r for r in runs if r["seed"] == s and r["k"] == 0) for s in seeds}
     for k in ks:
@@ -202,29 +237,13 @@ def main(argv: list[str] | None = None) -> dict:
                                    / f0["label_bytes_per_image_epoch"])
         v["meets_target"] = (v["bytes_ratio_shard"] <= TARGET["bytes_ratio"]
                              and v["top1_delta_mean"] >= TARGET["top1_delta"])
-    default_k = RelabelConfig().top_k
-    chosen = per_k.get(str(default_k), f0)
-    within = [int(k) for k, v in per_k.items() if v["top1_delta_mean"] >= TARGET["top1_delta"]]
-    smallest = min(within, key=lambda k: per_k[str(k)]["shard_bytes_per_image_epoch"])
-    out = {
-        "quick": args.quick, "machine": info, "threads": threads, "dataset": dataset,
-        "ipc": args.ipc, "epochs": budget["epochs"], "seeds": seeds, "ks": ks,
-        "student": budget["student"], "teacher": budget["teacher"],
-        "default_top_k": default_k,
-        "bytes_ratio": chosen["bytes_ratio_shard"],
-        "bytes_ratio_labels": chosen["bytes_ratio_labels"],
-        "top1_delta": chosen["top1_delta_mean"],
-        "smallest_k_within_half_point": smallest,
-        "smallest_k_bytes_ratio": per_k[str(smallest)]["bytes_ratio_shard"],
-        "smallest_k_bytes_ratio_labels": per_k[str(smallest)]["bytes_ratio_labels"],
-        "target": TARGET,
-        "per_k": per_k,
-        "projection_label_bytes": projection(),
-        "compact_views": compact_views_projection(runs[0]["relabel_uris"][0]),
-        "runs": runs,
-        "wall_seconds": time.perf_counter() - started,
-    }
-    common.write_json(NAME, out, common.results_dir(args.quick))
+    return per_k
+
+
+def _write(out: dict, results) -> None:
+    """``soft_labels.{json,md}`` in ``results``, and the headline on stdout."""
+    common.write_json(NAME, out, results)
+    per_k = out["per_k"]
     table = common.markdown_table(
         ["k (0 = full fp16)", "B / image-epoch (shard)", "ratio", "label B / image-epoch",
          "label ratio", "top-1", "delta vs full (points)"],
@@ -238,22 +257,22 @@ def main(argv: list[str] | None = None) -> dict:
           *[p["ratio_to_full"].get(str(k)) for k in (1, 5, 10, 20)]] for c, p in proj.items()],
         digits=3)
     cv = out["compact_views"]
-    head = (f"Machine: {common.machine_line(info)}. {'QUICK smoke size. ' if args.quick else ''}"
-            f"{dataset}, FADRM IPC{args.ipc}, {budget['epochs']} epochs, student "
-            f"{budget['student']}, seeds {seeds}. Shipped default top_k={default_k}: bytes "
+    head = (f"Machine: {common.machine_line(out['machine'])}. "
+            f"{'QUICK smoke size. ' if out['quick'] else ''}"
+            f"{out['dataset']}, FADRM IPC{out['ipc']}, {out['epochs']} epochs, student "
+            f"{out['student']}, seeds {out['seeds']}. Shipped default "
+            f"top_k={out['default_top_k']}: bytes "
             f"ratio {out['bytes_ratio']:.3f}, top-1 delta {out['top1_delta']:+.2f} points. "
-            f"Smallest k within 0.5 points: {smallest} (shard ratio "
+            f"Smallest k within 0.5 points: {out['smallest_k_within_half_point']} (shard ratio "
             f"{out['smallest_k_bytes_ratio']:.3f}, label-column ratio "
             f"{out['smallest_k_bytes_ratio_labels']:.3f}).")
     notes = (f"Projection (synthetic teacher-like logits, label columns only):\n\n{ptable}\n\n"
              f"View columns: {cv['stored_view_bytes_per_row']:.1f} B/row as stored, "
              f"{cv['compact_view_bytes_per_row']:.1f} B/row with a compact encoding "
              f"(projection).")
-    common.write_markdown(NAME, "Soft-label storage", [head, table, notes],
-                         common.results_dir(args.quick))
+    common.write_markdown(NAME, "Soft-label storage", [head, table, notes], results)
     print(json.dumps({k: out[k] for k in ("bytes_ratio", "bytes_ratio_labels", "top1_delta",
                                           "smallest_k_within_half_point")}, indent=1))
-    return out
 
 
 if __name__ == "__main__":

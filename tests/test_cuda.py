@@ -1,4 +1,4 @@
-"""CUDA code paths (checks in benchmarks/cuda_checks.py), marker ``cuda``.
+"""CUDA code paths (checks in benchmarks/gpu/cuda_checks.py), marker ``cuda``.
 
 Each check compares CUDA with the CPU or with itself (see its docstring for what and to which
 tolerance); they are skipped where no CUDA GPU is present. ``python -m benchmarks.gpu_check``
@@ -7,7 +7,7 @@ runs the same checks on GPU machines without pytest.
 
 import pytest
 
-from benchmarks.cuda_checks import CHECKS, check_cuda_device_without_gpu_fails, cuda_available
+from benchmarks.gpu.cuda_checks import CHECKS, check_cuda_device_without_gpu_fails, cuda_available
 
 pytestmark = pytest.mark.cuda
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_check import BLOCKED_MODULES, SCHEMA, arch_support
+from benchmarks.gpu.common import BLOCKED_MODULES
+from benchmarks.gpu.environment import arch_support
+from benchmarks.gpu.report import SCHEMA
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCKED_RUN = (

@@ -11,8 +11,8 @@ import pkgutil
 import yaml
 
 import fadrm
-from benchmarks.gpu_check import (BLOCKED_MODULES, make_image_folder, ray_free_run, report_dir,
-                                  tiny_cpu_config)
+from benchmarks.gpu.common import BLOCKED_MODULES, make_image_folder, report_dir, tiny_cpu_config
+from benchmarks.gpu.cpu_half import ray_free_run
 
 
 def test_every_module_imports_and_a_local_run_completes_without_ray(tmp_path):

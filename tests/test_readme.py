@@ -9,7 +9,7 @@
   as written; the kustomize output must equal what tests/test_k8s.py validates.
 * Every block that talks to a Ray cluster with `ray job ...` sets RAY_AUTH_MODE=token first
   (Ray's CLI sends the token only in token mode), including the KubeRay ones that cannot run
-  here.
+  here: in README.md, k8s/README.md and every page of docs/.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import yaml
 from tests.conftest import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
-READMES = [REPO / "README.md", REPO / "k8s" / "README.md"]
+READMES = [REPO / "README.md", REPO / "k8s" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def fenced_blocks(path: Path, lang: str = "bash") -> list[str]:
@@ -75,7 +75,7 @@ def test_every_ray_job_command_runs_in_token_mode():
                         "RAY_AUTH_MODE=token (Ray's CLI would not send the token)")
                 elif words[0] == "export" and env.get("RAY_AUTH_MODE") is not None:
                     token_mode = env["RAY_AUTH_MODE"] == "token"
-    assert checked >= 4  # README: 2 submits; k8s/README: list + submit
+    assert checked >= 4  # README and docs/CLUSTER.md: a submit each; k8s/README: list + submit
 
 
 # --- k8s/README.md ------------------------------------------------------------------------
@@ -200,3 +200,29 @@ def test_readme_ray_job_submit_block_runs_as_written(fmnist_root):
                                                             "relabel", "evaluate"}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- links between the pages -----------------------------------------------------------------
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces -> '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto: not checked here
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.relative_to(REPO)}: link to missing {target}"
+            if anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.M)
+                assert anchor in {_anchor(h) for h in headings}, (
+                    f"{page.relative_to(REPO)}: no heading for #{anchor} in {path or page.name}")
+            checked += 1
+    assert checked >= 20

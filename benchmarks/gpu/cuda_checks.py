@@ -5,9 +5,10 @@ machine without a GPU, comparing the CPU with itself) and raises ``AssertionErro
 message that says what differed and by how much. ``python -m benchmarks.gpu_check`` runs them
 all; ``tests/test_cuda.py`` wraps them for pytest (marker ``cuda``).
 
-Comparisons of CUDA against the CPU run in strict fp32 (:func:`strict_fp32`): CUDA's default
-lets cuDNN convolutions use TF32 (10-bit mantissa), whose rounding (~1e-3) would hide the
-differences these checks are looking for. Comparisons *after optimisation steps* use the
+Comparisons of CUDA against the CPU run in strict fp32 (``strict_fp32`` in
+:mod:`benchmarks.gpu.compare`, with the tolerances and fixtures): CUDA's default lets cuDNN
+convolutions use TF32 (10-bit mantissa), whose rounding (~1e-3) would hide the differences
+these checks are looking for. Comparisons *after optimisation steps* use the
 shallow built-in ConvNet: a randomly initialised ResNet-18's input and weight gradients are
 ill-conditioned (fp32 and fp64 gradients differ by ~0.3 % on the CPU alone, and a few steps
 amplify that), while the ConvNet's agree to ~1e-7, so CUDA can be held to ~1e-3 of the
@@ -25,7 +26,7 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CHECKS", "Check", "cuda_available", "strict_fp32"]
+from benchmarks.gpu.common import MEAN, STD, make_image_folder, sync, tiny_cpu_config
+from benchmarks.gpu.compare import (assert_close, assert_update_close, calibrate_bn, convnet,
+                                    flat, pixels, resnet18, state_of, strict_fp32,
+                                    uint8_images)
+
+__all__ = ["CHECKS", "Check", "cuda_available"]
 
 CPU = torch.device("cpu")
-MEAN = [0.485, 0.456, 0.406]
-STD = [0.229, 0.224, 0.225]
 NO_DEVICE_MESSAGE = "execution.device is 'cuda' but no CUDA device is available"
 
 
@@ -55,112 +59,6 @@ def _device(name: str | torch.device) -> torch.device:
     return dev
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def strict_fp32() -> Iterator[None]:
-    """fp32 convolutions and matmuls without TF32 while the block runs (restored after)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-# --------------------------------------------------------------------------- comparisons
-
-
-def _as_tensor(value: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
-    return torch.as_tensor(value).detach().cpu().double()
-
-
-def assert_close(what: str, actual, expected, rtol: float, atol: float = 0.0) -> None:
-    """Every element within ``atol + rtol * |expected|``; else AssertionError naming ``what``."""
-    a, e = _as_tensor(actual), _as_tensor(expected)
-    if a.shape != e.shape:
-        raise AssertionError(f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}")
-    if not bool(torch.isfinite(a).all()):
-        raise AssertionError(f"{what}: non-finite values on the tested device")
-    diff = (a - e).abs()
-    bound = atol + rtol * e.abs()
-    if bool((diff > bound).any()):
-        worst = int((diff - bound).argmax())
-        raise AssertionError(
-            f"{what}: {int((diff > bound).sum())} of {diff.numel()} values differ beyond "
-            f"atol {atol:g} + rtol {rtol:g}; worst {a.flatten()[worst].item():.6g} vs "
-            f"{e.flatten()[worst].item():.6g} (|diff| {diff.flatten()[worst].item():.3g})"
-        )
-
-
-def assert_update_close(what: str, after, reference, before, rtol: float) -> None:
-    """``after - before`` within ``rtol`` (relative L2) of ``reference - before``."""
-    a, r, b = _as_tensor(after), _as_tensor(reference), _as_tensor(before)
-    if not bool(torch.isfinite(a).all()):
-        raise AssertionError(f"{what}: non-finite values on the tested device")
-    step = float((r - b).norm())
-    if step == 0.0:
-        raise AssertionError(f"{what}: the CPU reference did not change at all")
-    error = float((a - r).norm()) / step
-    if not error <= rtol:
-        raise AssertionError(f"{what}: the update differs from the CPU's by {error:.3g} "
-                             f"(relative L2; allowed {rtol:g})")
-
-
-def _state_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()
-            if v.is_floating_point()}
-
-
-def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([v.flatten() for v in state.values()])
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def _resnet(num_classes: int, seed: int) -> nn.Module:
-    """A seeded torchvision ResNet-18 with the small-image stem (32 px inputs)."""
-    from fadrm.models import create_model
-
-    torch.manual_seed(seed)
-    return create_model("torchvision:resnet18", num_classes, 3, 32)
-
-
-def _convnet(num_classes: int, seed: int) -> nn.Module:
-    """A seeded built-in ConvNet (3 x conv-BN-ReLU-pool) with calibrated BN statistics."""
-    from fadrm.models import ConvNet
-
-    torch.manual_seed(seed)
-    return _calibrate_bn(ConvNet(num_classes, 3, 32), seed)
-
-
-def _calibrate_bn(model: nn.Module, seed: int, size: int = 32) -> nn.Module:
-    """Give the BN layers non-trivial running statistics (a few train-mode passes)."""
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, size, size, generator=gen) * 1.5 + 0.3)
-    return model.eval()
-
-
-def _pixels(n: int, size: int, seed: int) -> torch.Tensor:
-    """Normalised float images inside the valid pixel range, ``[n, 3, size, size]``."""
-    from fadrm.data import normalize
-
-    return normalize(_uint8_images(n, size, seed), MEAN, STD)
-
-
-def _uint8_images(n: int, size: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8)
-
-
 # --------------------------------------------------------------------------- the checks
 
 
@@ -175,8 +73,8 @@ def check_recover_step_matches_cpu(device: str = "cuda") -> None:
     from fadrm.synthesis import recover
 
     dev = _device(device)
-    teacher = _convnet(10, seed=0)
-    init = _pixels(8, 32, seed=2)
+    teacher = convnet(10, seed=0)
+    init = pixels(8, 32, seed=2)
     labels = torch.arange(8) % 10
     cfg = RecoverConfig(method="sre2l", resolutions=[32], stage_iterations=[5], lr=0.05,
                         jitter=4, r_bn=0.01)
@@ -205,8 +103,8 @@ def check_fp16_recover_loop(device: str = "cuda") -> None:
     from fadrm.config import RecoverConfig
 
     dev = _device(device)
-    teacher = _calibrate_bn(_resnet(10, seed=0), seed=1).to(dev)
-    init = _pixels(16, 32, seed=3)
+    teacher = calibrate_bn(resnet18(10, seed=0), seed=1).to(dev)
+    init = pixels(16, 32, seed=3)
     labels = torch.arange(16) % 10
     cfg = RecoverConfig(method="fadrm", resolutions=[24, 32], stage_iterations=[10, 30],
                         lr=0.1, jitter=0, crop_scale=[1.0, 1.0], flip=False)
@@ -292,8 +190,8 @@ def check_bn_stats_match_cpu(device: str = "cuda") -> None:
         assert_close(f"channel_stats gradient ({label}, {dev})", x.grad.float(), ref_grad,
                      rtol=1e-4, atol=atol)
 
-    teacher = _calibrate_bn(_resnet(10, seed=0), seed=1)
-    images = _pixels(8, 32, seed=4)
+    teacher = calibrate_bn(resnet18(10, seed=0), seed=1)
+    images = pixels(8, 32, seed=4)
 
     def capture(model: nn.Module, on: torch.device) -> tuple[list, list]:
         model = copy.deepcopy(model).to(on, memory_format=torch.channels_last).eval()
@@ -339,12 +237,12 @@ def check_relabel_deterministic(device: str = "cuda") -> None:
     from fadrm.relabel import relabel_epochs
 
     dev = _device(device)
-    images = _uint8_images(24, 32, seed=5)
-    teachers = [_calibrate_bn(_resnet(10, seed=0), seed=1), _convnet(10, seed=2)]
+    images = uint8_images(24, 32, seed=5)
+    teachers = [calibrate_bn(resnet18(10, seed=0), seed=1), convnet(10, seed=2)]
     cfg = RelabelConfig(epochs=2, batch_size=8, teacher_bn_mode="train", epochs_per_shard=2)
     cfg.validate("relabel")
     on_dev = [copy.deepcopy(t).to(dev) for t in teachers]
-    before = [_state_of(t) for t in on_dev]
+    before = [state_of(t) for t in on_dev]
     first = relabel_epochs(on_dev, images, MEAN, STD, cfg, range(2), seed=7, device=dev)
     second = relabel_epochs(on_dev, images, MEAN, STD, cfg, range(2), seed=7, device=dev)
     a, b = soft_targets(first, 10), soft_targets(second, 10)
@@ -356,7 +254,7 @@ def check_relabel_deterministic(device: str = "cuda") -> None:
     for i, (t, state) in enumerate(zip(on_dev, before)):
         if any(p.device != dev for p in t.parameters()):
             raise AssertionError(f"teacher {i} left {dev} during relabel")
-        after = _state_of(t)
+        after = state_of(t)
         changed = [k for k in state if not torch.equal(state[k], after[k])]
         if changed:
             raise AssertionError(f"relabel changed teacher {i}'s {changed[:3]}")
@@ -381,9 +279,9 @@ def _student_data(num_classes: int = 4):
     from fadrm.data import ImageSet
     from fadrm.relabel import relabel_epochs
 
-    images = _uint8_images(16, 32, seed=6)
+    images = uint8_images(16, 32, seed=6)
     labels = torch.arange(16) % num_classes
-    teacher = _convnet(num_classes, seed=3)
+    teacher = convnet(num_classes, seed=3)
     cfg = RelabelConfig(epochs=1, batch_size=8, epochs_per_shard=1)
     table = relabel_epochs([teacher], images, MEAN, STD, cfg, range(1), seed=3, device=CPU)
     val = ImageSet(images[:8], labels[:8], [f"c{i}" for i in range(num_classes)])
@@ -414,7 +312,7 @@ def check_student_step(device: str = "cuda") -> None:
                 raise AssertionError(f"student parameter {name} on {p.device}, expected {on}")
             if p.dim() == 4 and not p.is_contiguous():
                 raise AssertionError(f"student parameter {name} left in channels_last")
-        return result, _state_of(model)
+        return result, state_of(model)
 
     torch.manual_seed(2)
     small = ConvNet(4, 3, 32)
@@ -423,15 +321,15 @@ def check_student_step(device: str = "cuda") -> None:
         out, state = run(small, dev, cfg)
     assert_close(f"student epoch loss on {dev} vs CPU", out["history"][0]["loss"],
                  ref["history"][0]["loss"], rtol=1e-4)
-    assert_update_close(f"student weights on {dev} vs CPU", _flat(state), _flat(ref_state),
-                        _flat(_state_of(small)), rtol=1e-3)
+    assert_update_close(f"student weights on {dev} vs CPU", flat(state), flat(ref_state),
+                        flat(state_of(small)), rtol=1e-3)
 
-    big = _resnet(4, seed=2)
+    big = resnet18(4, seed=2)
     amp, amp_state = run(big, dev, dataclasses.replace(cfg, mixed_precision=True))
     loss = amp["history"][0]["loss"]
     if not math.isfinite(loss) or loss <= 0:
         raise AssertionError(f"mixed-precision student loss on {dev}: {loss}")
-    moved = _flat(amp_state) - _flat(_state_of(big))
+    moved = flat(amp_state) - flat(state_of(big))
     if not bool(torch.isfinite(moved).all()) or float(moved.abs().max()) == 0.0:
         raise AssertionError(f"mixed-precision ResNet-18 student step on {dev}: weights "
                              "non-finite or unchanged")
@@ -448,7 +346,7 @@ def check_squeeze_step(device: str = "cuda") -> None:
     from fadrm.squeeze import train_teacher
 
     dev = _device(device)
-    images = _uint8_images(40, 32, seed=7)
+    images = uint8_images(40, 32, seed=7)
     labels = torch.arange(40) % 4
     classes = ["a", "b", "c", "d"]
     train = ImageSet(images[:32], labels[:32], classes)
@@ -462,21 +360,21 @@ def check_squeeze_step(device: str = "cuda") -> None:
         top1 = train_teacher(model, train, val, scfg, data, on, seed=0)
         if not 0.0 <= top1 <= 100.0:
             raise AssertionError(f"squeeze top-1 on {on}: {top1}")
-        return top1, _state_of(model)
+        return top1, state_of(model)
 
     torch.manual_seed(3)
     small = ConvNet(4, 3, 32)
     with strict_fp32():
         _, ref_state = run(small, CPU, cfg)
         _, state = run(small, dev, cfg)
-    assert_update_close(f"squeeze weights and BN buffers on {dev} vs CPU", _flat(state),
-                        _flat(ref_state), _flat(_state_of(small)), rtol=1e-3)
+    assert_update_close(f"squeeze weights and BN buffers on {dev} vs CPU", flat(state),
+                        flat(ref_state), flat(state_of(small)), rtol=1e-3)
     if train.images.device.type != "cpu":
         raise AssertionError("squeeze moved the caller's training images")
 
-    big = _resnet(4, seed=3)
+    big = resnet18(4, seed=3)
     _, amp_state = run(big, dev, dataclasses.replace(cfg, mixed_precision=True))
-    moved = _flat(amp_state) - _flat(_state_of(big))
+    moved = flat(amp_state) - flat(state_of(big))
     if not bool(torch.isfinite(moved).all()) or float(moved.abs().max()) == 0.0:
         raise AssertionError(f"mixed-precision ResNet-18 squeeze step on {dev}: weights "
                              "non-finite or unchanged")
@@ -536,9 +434,9 @@ def _ddp_step_equals_plain(dev: torch.device, ddp_class: type) -> None:
             opt = torch.optim.SGD(params, lr=0.1)
             F.cross_entropy(model(x), y).backward()
             opt.step()
-        _sync(dev)
-    assert_close(f"DDP step on {dev} vs the same step without DDP", _flat(_state_of(net)),
-                 _flat(_state_of(plain)), rtol=1e-5, atol=1e-6)
+        sync(dev)
+    assert_close(f"DDP step on {dev} vs the same step without DDP", flat(state_of(net)),
+                 flat(state_of(plain)), rtol=1e-5, atol=1e-6)
 
 
 def check_cuda_device_without_gpu_fails() -> None:
@@ -548,7 +446,6 @@ def check_cuda_device_without_gpu_fails() -> None:
     non-zero exit, the message on stderr, no stage run)."""
     import yaml
 
-    from benchmarks.gpu_check import make_image_folder, tiny_cpu_config
     from fadrm.amp import resolve_device
     from fadrm.cli import main
 
