@@ -4,8 +4,12 @@ that answers without importing torch or Ray, the k8s README's offline dry run.""
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
+from fadrm import storage
 from fadrm.cli import main
 
 # --------------------------------------------------------------------------- 3: exit codes
@@ -37,3 +41,42 @@ def test_a_malformed_set_value_is_bad_input_naming_the_override(tmp_path, capsys
     assert err[-1].startswith("error: recover.resolutions: --set 'recover.resolutions=[32,32'"
                               ": the value is not valid YAML"), err
     assert "ParserError" not in err[-1] and "resume" not in err[-1] and len(err) == 2
+
+
+# --------------------------------------------------------------------------- 7: file modes
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (and put the old one back)."""
+    old = os.umask(0o022)
+    try:
+        yield os.umask
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask022", "umask077", "umask002"])
+def test_an_atomic_write_honours_the_umask(tmp_path, umask, mask, mode):
+    umask(mask)
+    target = tmp_path / "a" / "b.bin"
+    storage.write_bytes_atomic(str(target), b"x")
+    storage.write_bytes_atomic(str(target), b"y")  # replacing keeps the mode too
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+    assert [p.name for p in target.parent.iterdir()] == ["b.bin"]
+
+
+def test_every_output_of_a_run_is_readable_by_others_under_umask_022(tmp_path, umask):
+    """Shards, sidecars, metrics.json, grid.png: 0644 (as open() makes them), not 0600."""
+    from tests.test_cli import micro_config
+
+    umask(0o022)
+    assert main(["run", str(micro_config(tmp_path)), "--executor", "local",
+                 "--no-progress"]) == 0
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and not p.is_symlink()]
+    names = {p.name for p in files}
+    assert {"metrics.json", "grid.png", "manifest.json"} <= names
+    assert any(n.endswith(".arrow") for n in names), names
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
