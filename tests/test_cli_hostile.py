@@ -80,3 +80,33 @@ def test_every_output_of_a_run_is_readable_by_others_under_umask_022(tmp_path, u
     assert any(n.endswith(".arrow") for n in names), names
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+# --------------------------------------------------------------------------- 8: hints
+
+
+class _Unknown:
+    """A class torch's weights-only unpickler does not allow."""
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("garbage", ": not a "),  # a damaged checkpoint, or not a plain state_dict
+    ("object", "it holds a tests.test_cli_hostile._Unknown object"),
+])
+def test_bad_weights_never_suggest_loading_them_with_weights_only_false(tmp_path, capsys,
+                                                                        kind, words):
+    import torch
+
+    path = tmp_path / "teacher.pt"
+    if kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 8)
+    else:
+        torch.save({"w": torch.zeros(1), "x": _Unknown()}, path)
+    code = main(["status", "demo", "--set", f"output={tmp_path / 'out'}",
+                 "--set", f"teachers.0.weights={path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 2, err  # "config: ..." and one error line
+    assert err[1].startswith(f"error: {path}: cannot load weights for model 'convnet'"), err
+    assert words in err[1]
+    for advice in ("weights_only", "Re-running", "add_safe_globals", "trust"):
+        assert advice not in err[1].removeprefix(f"error: {path}"), err
