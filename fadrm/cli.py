@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -153,6 +154,11 @@ def report_error(exc: BaseException, verbose: bool = False, file=None) -> int:
     if isinstance(exc, (InputError, FileNotFoundError, IsADirectoryError)):
         print(f"error: {exc}", file=file)
         return EXIT_BAD_INPUT
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # Which disk is full, and that the fix is space, not a retry as it stands.
+        print(f"error: run failed: {exc.strerror}: {exc.filename or '(path unknown)'}\n"
+              f"(free some space there; {RESUME_HINT})", file=file)
+        return EXIT_RUN_FAILED
     print(f"error: run failed: {type(exc).__name__}: {exc}\n({RESUME_HINT}; -v shows the "
           f"traceback)", file=file)
     return EXIT_RUN_FAILED

@@ -105,7 +105,26 @@ def check_output(cfg: RunConfig, *, write_probe: bool = True,
         raise ConfigError("output", f"{cfg.output} is not writable ({exc}); choose a location "
                           f"this user may write to") from None
     except OSError as exc:
-        raise _unreachable("output", cfg.output, exc) from None
+        if storage.is_remote(cfg.output):
+            raise _unreachable("output", cfg.output, exc) from None
+        raise _local_output_error(cfg.output, exc) from None
+
+
+def _local_output_error(uri: str, exc: OSError) -> InputError:
+    """A local output that cannot be written: why, in words about the disk (a local path
+    has nothing to do with S3 settings or credentials)."""
+    import errno
+
+    fixes = {errno.EROFS: "it is on a read-only file system; choose a writable location",
+             errno.ENOSPC: "no space left on the device; free some space or choose another "
+                           "location",
+             errno.EDQUOT: "the disk quota is exhausted; free some space or choose another "
+                           "location",
+             errno.EACCES: "permission denied; choose a location this user may write to"}
+    why = fixes.get(exc.errno or 0)
+    if why is None:
+        why = f"{exc.strerror or exc}; check the path"
+    return ConfigError("output", f"{uri} is not writable: {why}")
 
 
 def running_as_ray_job() -> bool:

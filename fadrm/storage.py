@@ -154,8 +154,11 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, local)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename is None:
+                # A failed write (e.g. ENOSPC) does not say which file: name it.
+                raise OSError(exc.errno, exc.strerror, str(local)) from exc
             raise
         return
     fs, path = filesystem(uri)

@@ -4,8 +4,11 @@ that answers without importing torch or Ray, the k8s README's offline dry run.""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import subprocess
+import types
 
 import pytest
 
@@ -110,3 +113,72 @@ def test_bad_weights_never_suggest_loading_them_with_weights_only_false(tmp_path
     assert words in err[1]
     for advice in ("weights_only", "Re-running", "add_safe_globals", "trust"):
         assert advice not in err[1].removeprefix(f"error: {path}"), err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (root only: skipped where mounting is not allowed); ``ro()`` remounts
+    it read-only, ``fill()`` writes until it is full. Unmounted afterwards."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+    def ro():
+        subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+
+    def fill():
+        fd = os.open(where / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+
+    try:
+        yield types.SimpleNamespace(path=where, ro=ro, fill=fill)
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_read_only_local_output_says_so_not_aws_credentials(small_disk, capsys):
+    small_disk.ro()
+    out = small_disk.path / "out"
+    assert main(["run", "demo", "--set", f"output={out}", "--executor", "local"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: output: {out} is not writable: it is on a read-only file system; " \
+                  f"choose a writable location"
+    assert "AWS" not in err and "credentials" not in err
+
+
+def test_a_full_local_output_says_so_at_preflight(small_disk, capsys):
+    small_disk.fill()
+    out = small_disk.path / "out"
+    assert main(["run", "demo", "--set", f"output={out}", "--executor", "local"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: output: {out} is not writable: no space left on the device")
+    assert "AWS" not in err
+
+
+def test_a_disk_that_fills_during_a_run_names_the_file(small_disk):
+    """A write that runs out of space mid-run: the error names the file (ENOSPC alone does
+    not), leaves no temporary file, and the CLI says where to free space."""
+    import io
+
+    from fadrm.cli import report_error
+
+    small_disk.fill()
+    target = small_disk.path / "recover" / "unit-0.arrow"
+    with pytest.raises(OSError) as info:
+        storage.write_bytes_atomic(str(target), b"x" * 10000)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert not [p for p in small_disk.path.rglob("*") if p.name.endswith(".tmp")]
+    text = io.StringIO()
+    assert report_error(info.value, file=text) == 3
+    first, second = text.getvalue().strip().splitlines()
+    assert first == f"error: run failed: No space left on device: {target}"
+    assert "free some space there; finished units are kept" in second
