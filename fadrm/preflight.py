@@ -182,7 +182,7 @@ def check_data(cfg: RunConfig, warnings: list[str] | None = None,
         more = f" ({len(short)} classes in all)" if len(short) > 1 else ""
         limit = (f" after data.max_train_per_class={d.max_train_per_class}"
                  if d.max_train_per_class else "")
-        raise DataError(f"data: class {name!r} ({summary.where}) has {n} training images"
+        raise DataError(f"data: class {name!r} ({summary.place(name)}) has {n} training images"
                         f"{limit}, but {what} needs {need}{more}; lower ipc or select.factor, "
                         f"or add images")
     if warnings is not None and not any(summary.val_counts):

@@ -182,3 +182,32 @@ def test_a_disk_that_fills_during_a_run_names_the_file(small_disk):
     first, second = text.getvalue().strip().splitlines()
     assert first == f"error: run failed: No space left on device: {target}"
     assert "free some space there; finished units are kept" in second
+
+
+def test_an_imagefolder_root_holding_idx_files_suggests_kind_idx(tmp_path, capsys):
+    from tests.conftest import FASHION_MNIST
+
+    code = main(["status", "demo", "--set", f"output={tmp_path / 'out'}",
+                 "--set", "data.kind=imagefolder", "--set", f"data.root={FASHION_MNIST}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith(f"error: data: ImageFolder root {FASHION_MNIST} has "
+                                        f"no class sub-folders"), err
+    assert err.endswith("-idx3-ubyte.gz, ...): set data.kind: idx"), err
+
+
+def test_a_class_short_of_images_names_its_folder_not_a_pattern(tmp_path, capsys):
+    from PIL import Image
+
+    for cls, count in [("ant", 4), ("bee", 2)]:
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "data" / cls / f"{i}.png")
+    code = main(["status", "demo", "--set", f"output={tmp_path / 'out'}",
+                 "--set", "data.kind=imagefolder", "--set", f"data.root={tmp_path / 'data'}",
+                 "--set", "data.val_per_class=0", "--set", "recover.method=random-real",
+                 "--set", "ipc=3"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2, err
+    assert err.startswith(f"error: data: class 'bee' ({tmp_path / 'data' / 'bee'}) has 2 "
+                          f"training images"), err
+    assert "<class>" not in err
