@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 import subprocess
+import sys
+import time
 import types
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from fadrm import storage
 from fadrm.cli import main
@@ -211,3 +217,143 @@ def test_a_class_short_of_images_names_its_folder_not_a_pattern(tmp_path, capsys
     assert err.startswith(f"error: data: class 'bee' ({tmp_path / 'data' / 'bee'}) has 2 "
                           f"training images"), err
     assert "<class>" not in err
+
+
+# --------------------------------------------------------------------------- 10: SIGTERM
+
+TERMINATED = "terminated (SIGTERM): finished units are kept; run the same command again to resume"
+
+
+def _sigterm_config(root: Path, **execution) -> Path:
+    """Recover in 4 units of a second or more each (a given teacher: no squeeze)."""
+    from fadrm.models import create_model, save_weights
+    from tests.conftest import FASHION_MNIST, tiny_run_config
+
+    torch.manual_seed(0)
+    save_weights(create_model("convnet", 10, in_chans=1, image_size=28), root / "teacher.pt")
+    cfg = tiny_run_config(root / "out", FASHION_MNIST, ipc=4,
+                          teachers=[{"model": "convnet", "weights": str(root / "teacher.pt")}])
+    cfg["data"].update(max_train_per_class=20, max_val=100)
+    cfg["recover"]["stage_iterations"] = [40, 40, 40]
+    cfg["relabel"].update(epochs=2, epochs_per_shard=1)
+    cfg["student"].update(eval_every=0)
+    cfg["execution"].update(execution)
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _finished_recover_units(out: Path) -> dict[str, int]:
+    """Each complete recover shard (its checksum sidecar written) -> its mtime_ns."""
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("**/recover/**/images-*.arrow")
+            if Path(f"{p}.json").exists()}
+
+
+def _terminate_once_a_unit_is_done(argv: list[str], out: Path, limit: float = 600):
+    """Start ``fadrm`` ``argv``; SIGTERM it as soon as a recover unit is complete. Returns
+    (exit code, stderr, the units complete when the signal was sent)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fadrm.cli", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + limit
+    done: dict[str, int] = {}
+    try:
+        while not done:
+            try:
+                proc.wait(timeout=0.05)  # the pause between looks; ends early if it exits
+                pytest.fail(f"the run ended before a unit was done:\n{proc.stderr.read()}")
+            except subprocess.TimeoutExpired:
+                pass
+            assert time.monotonic() < deadline, "no recover unit finished in time"
+            done = _finished_recover_units(out)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err, done
+
+
+def test_sigterm_mid_stage_stops_like_ctrl_c_and_the_rerun_resumes(tmp_path):
+    path = _sigterm_config(tmp_path)
+    argv = ["run", str(path), "--executor", "local", "--no-progress"]
+    code, err, done = _terminate_once_a_unit_is_done(argv, tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code == 143, err
+    assert lines[-1] == TERMINATED and "Traceback" not in err, err
+    kept = _finished_recover_units(tmp_path / "out")
+    assert len(kept) < 4, "every unit finished before the signal: nothing was stopped"
+    assert not list((tmp_path / "out").glob("**/.*.tmp")), "a partial file was left"
+    # The re-run resumes: the units finished before the signal are not written again.
+    assert main(argv) == 0
+    after = _finished_recover_units(tmp_path / "out")
+    assert len(after) == 4 and all(after[name] == kept[name] for name in kept)
+    assert set(done) <= set(kept)
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (from /proc), e.g. an embedded Ray's raylet and workers."""
+    parent: dict[int, int] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat_file.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_stage_on_the_ray_executor_stops_workers_and_resumes(tmp_path):
+    """The same through Ray Train on an embedded instance: exit 143 in one line (not Ray's
+    exit 15), the instance's processes (raylet, workers) gone, and the re-run resumes."""
+    path = _sigterm_config(tmp_path, min_workers=1, max_workers=1)
+    argv = ["run", str(path), "--executor", "ray", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # embedded Ray
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fadrm.cli", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 900
+    done: dict[str, int] = {}
+    ray_processes: set[int] = set()
+    try:
+        while not done:
+            try:
+                proc.wait(timeout=0.2)
+                pytest.fail(f"the run ended before a unit was done:\n{proc.stderr.read()}")
+            except subprocess.TimeoutExpired:
+                pass
+            assert time.monotonic() < deadline, "no recover unit finished in time"
+            done = _finished_recover_units(tmp_path / "out")
+        ray_processes = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert ray_processes, "no Ray processes were seen under the run"
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == TERMINATED, err
+    assert "SIGTERM received" not in err and "Traceback" not in err, err
+    left = {p for p in ray_processes if _alive(p)}
+    assert not left, f"processes of the run's Ray instance still running: {sorted(left)}"
+    kept = _finished_recover_units(tmp_path / "out")
+    assert 1 <= len(kept) < 4
+    rerun = subprocess.run([sys.executable, "-m", "fadrm.cli", *argv], env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr
+    after = _finished_recover_units(tmp_path / "out")
+    assert len(after) == 4 and all(after[name] == kept[name] for name in kept)
