@@ -357,3 +357,33 @@ def test_sigterm_mid_stage_on_the_ray_executor_stops_workers_and_resumes(tmp_pat
     assert rerun.returncode == 0, rerun.stderr
     after = _finished_recover_units(tmp_path / "out")
     assert len(after) == 4 and all(after[name] == kept[name] for name in kept)
+
+
+# --------------------------------------------------------------------------- 11: answering fast
+
+HEAVY = ("torch", "ray", "ray_jobs", "pyarrow", "numpy", "PIL", "matplotlib", "torchvision")
+
+
+def test_help_and_presets_import_no_heavy_module():
+    """`fadrm --help` and `fadrm presets` answer without loading torch, Ray or pyarrow
+    (seconds of imports on a small machine; benchmarks/cli_latency.py has the times)."""
+    code = ("import contextlib, io, sys\n"
+            "import fadrm.cli\n"
+            "fadrm.cli.build_parser()\n"
+            "with contextlib.redirect_stdout(io.StringIO()), "
+            "contextlib.redirect_stderr(io.StringIO()):\n"
+            "    assert fadrm.cli.main(['presets']) == 0\n"
+            "    assert fadrm.cli.main(['presets', 'show', 'demo']) == 0\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules}))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(eval(proc.stdout.strip().splitlines()[-1]))  # noqa: S307 - our own list
+    assert "fadrm" in loaded and not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_the_cli_names_the_same_executors_as_the_runner():
+    from fadrm import cli, runner
+
+    assert cli.EXECUTORS == runner.EXECUTORS
