@@ -25,7 +25,7 @@ from fadrm.data import DataError, DataSummary
 from fadrm.errors import InputError
 
 __all__ = ["Preflight", "preflight", "check_output", "check_data", "check_teachers",
-           "check_submittable", "running_as_ray_job"]
+           "check_submittable", "running_as_ray_job", "StorageUnreachable"]
 
 log = logging.getLogger("fadrm.preflight")
 
@@ -79,10 +79,16 @@ def _reject_placeholder(key: str, uri: str | None) -> None:
                           f"absolute local path)")
 
 
+class StorageUnreachable(ConfigError):
+    """A remote location of the config (output, data, weights) did not answer. Still bad
+    input for a run; a ``fadrm watch --dry-run`` goes on without it (offline)."""
+
+
 def _unreachable(key: str, uri: str, exc: Exception) -> InputError:
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ConfigError(key, f"{uri} is not reachable ({detail}); check the path, the "
-                       f"storage section (endpoint_url, region) and the AWS_* credentials")
+    return StorageUnreachable(key, f"{uri} is not reachable ({detail}); check the path, the "
+                              f"storage section (endpoint_url, region) and the AWS_* "
+                              f"credentials")
 
 
 def check_output(cfg: RunConfig, *, write_probe: bool = True,

@@ -21,6 +21,8 @@ import yaml
 from fadrm import storage
 from fadrm.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
+
 # --------------------------------------------------------------------------- 3: exit codes
 
 
@@ -252,7 +254,7 @@ def _finished_recover_units(out: Path) -> dict[str, int]:
 def _terminate_once_a_unit_is_done(argv: list[str], out: Path, limit: float = 600):
     """Start ``fadrm`` ``argv``; SIGTERM it as soon as a recover unit is complete. Returns
     (exit code, stderr, the units complete when the signal was sent)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    env = {**os.environ, "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fadrm.cli", *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -323,7 +325,7 @@ def test_sigterm_mid_stage_on_the_ray_executor_stops_workers_and_resumes(tmp_pat
     path = _sigterm_config(tmp_path, min_workers=1, max_workers=1)
     argv = ["run", str(path), "--executor", "ray", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # embedded Ray
-    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "fadrm.cli", *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 900
@@ -375,7 +377,7 @@ def test_help_and_presets_import_no_heavy_module():
             "    assert fadrm.cli.main(['presets']) == 0\n"
             "    assert fadrm.cli.main(['presets', 'show', 'demo']) == 0\n"
             "print(sorted({m.split('.')[0] for m in sys.modules}))\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -387,3 +389,50 @@ def test_the_cli_names_the_same_executors_as_the_runner():
     from fadrm import cli, runner
 
     assert cli.EXECUTORS == runner.EXECUTORS
+
+
+# --------------------------------------------------------------------------- 4: README dry run
+
+
+def _readme_dry_run_line() -> list[str]:
+    """The k8s README's offline dry run, as written (continuation lines joined)."""
+    import re
+    import shlex
+
+    text = (REPO / "k8s" / "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        command = block.replace("\\\n", " ")
+        for line in command.splitlines():
+            if line.startswith("fadrm watch") and "--dry-run" in line:
+                return shlex.split(line)
+    raise AssertionError("k8s/README.md has no `fadrm watch ... --dry-run` line")
+
+
+def test_the_k8s_readme_dry_run_works_offline_as_written(tmp_path):
+    argv = _readme_dry_run_line()
+    assert argv[:3] == ["fadrm", "watch", "k8s/base/run.yaml"] and "--dry-run" in argv
+    assert (REPO / "k8s/base/run.yaml").read_text().count("s3://") >= 2  # remote storage
+    # Offline: no kube-config, no cluster, and S3 refuses connections (port 9 on loopback).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "KUBE", "AWS_"))}
+    env.update(HOME=str(tmp_path), KUBECONFIG=str(tmp_path / "no-kube-config"),
+               PYTHONPATH=str(REPO), AWS_ENDPOINT_URL_S3="http://127.0.0.1:9",
+               AWS_EC2_METADATA_DISABLED="true")
+    proc = subprocess.run([sys.executable, "-m", "fadrm.cli", *argv[1:]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dry run: the storage is not reachable" in proc.stderr
+    assert "dry run: the cluster is not reachable" in proc.stderr
+    rendered = yaml.safe_load(proc.stdout.split("\nsubmit:")[0])
+    assert rendered["kind"] == "RayJob"
+    labels = rendered["metadata"]["labels"]
+    assert labels["fadrm.io/run"] == "cifar100-ipc10" and labels["fadrm.io/teachers"] == "unknown"
+    assert proc.stdout.strip().splitlines()[-1].startswith("submit: ")
+
+
+def test_a_real_run_still_refuses_unreachable_storage(tmp_path, capsys):
+    """Only a dry run goes on offline: `fadrm status` on the same config is bad input."""
+    code = main(["status", str(REPO / "k8s/base/run.yaml"), "--set",
+                 "storage.endpoint_url=http://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("error: output: s3://fadrm-artifacts/runs is not "
+                                        "reachable"), err
