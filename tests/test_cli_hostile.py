@@ -431,8 +431,11 @@ def test_the_k8s_readme_dry_run_works_offline_as_written(tmp_path):
 
 def test_a_real_run_still_refuses_unreachable_storage(tmp_path, capsys):
     """Only a dry run goes on offline: `fadrm status` on the same config is bad input."""
-    code = main(["status", str(REPO / "k8s/base/run.yaml"), "--set",
-                 "storage.endpoint_url=http://127.0.0.1:9"])
+    try:
+        code = main(["status", str(REPO / "k8s/base/run.yaml"), "--set",
+                     "storage.endpoint_url=http://127.0.0.1:9"])
+    finally:
+        storage.configure()  # the endpoint is process-wide: leave none for later tests
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("error: output: s3://fadrm-artifacts/runs is not "
                                         "reachable"), err
