@@ -1,8 +1,13 @@
-"""`fadrm` command line: run, demo, status, presets."""
+"""`fadrm` command line: run, demo, status, presets.
+
+Imports here stay light (no torch, pyarrow or Ray at module level): `fadrm --help` and
+`fadrm presets` answer in a fraction of a second; each command imports what it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -11,9 +16,13 @@ import traceback
 from fadrm import __version__
 from fadrm.config import (RunConfig, add_config_argument, list_presets, load_config,
                           preset_path, preset_purpose, resolve_config)
-from fadrm.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED, EXIT_WORK_TO_DO, InputError
+from fadrm.errors import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED,
+                          EXIT_TERMINATED, EXIT_WORK_TO_DO, InputError, Terminated,
+                          stop_on_sigterm)
 from fadrm.methods import list_methods
-from fadrm.runner import EXECUTORS, create_executor, print_summary, run_config  # noqa: F401
+
+# fadrm.runner.EXECUTORS (a test keeps them equal): importing fadrm.runner loads torch.
+EXECUTORS = ("ray", "local")
 
 
 def _load(args) -> RunConfig:
@@ -26,6 +35,8 @@ def _load(args) -> RunConfig:
 
 
 def cmd_run(args) -> int:
+    from fadrm.runner import print_summary, run_config
+
     cfg = _load(args)
     metrics = run_config(cfg, args.executor, show_progress=not args.no_progress)
     print_summary(cfg, metrics)
@@ -146,16 +157,25 @@ RESUME_HINT = "finished units are kept; run the same command again to resume"
 
 def report_error(exc: BaseException, verbose: bool = False, file=None) -> int:
     """Print ``exc`` as one ``error: ...`` line (``verbose``: with the traceback first) and
-    return the exit code: 2 for bad input, 130 for Ctrl-C, 3 for a run that failed."""
+    return the exit code: 2 for bad input, 130 for Ctrl-C, 143 for SIGTERM, 3 for a run
+    that failed."""
     file = file or sys.stderr
     if verbose and not isinstance(exc, KeyboardInterrupt):
         traceback.print_exception(exc, file=file)
+    if isinstance(exc, Terminated):
+        print(f"terminated (SIGTERM): {RESUME_HINT}", file=file)
+        return EXIT_TERMINATED
     if isinstance(exc, KeyboardInterrupt):
         print(f"interrupted: {RESUME_HINT}", file=file)
-        return 130
+        return EXIT_INTERRUPTED
     if isinstance(exc, (InputError, FileNotFoundError, IsADirectoryError)):
         print(f"error: {exc}", file=file)
         return EXIT_BAD_INPUT
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # Which disk is full, and that the fix is space, not a retry as it stands.
+        print(f"error: run failed: {exc.strerror}: {exc.filename or '(path unknown)'}\n"
+              f"(free some space there; {RESUME_HINT})", file=file)
+        return EXIT_RUN_FAILED
     print(f"error: run failed: {type(exc).__name__}: {exc}\n({RESUME_HINT}; -v shows the "
           f"traceback)", file=file)
     return EXIT_RUN_FAILED
@@ -166,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with stop_on_sigterm():  # Kubernetes stops a pod with SIGTERM: stop as Ctrl-C does
+            return args.func(args)
     except BrokenPipeError:
         # The reader went away (`fadrm presets | head`): not an error of ours. Point stdout
         # at /dev/null so the interpreter's final flush does not fail again.

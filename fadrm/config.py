@@ -723,12 +723,27 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
             raise ConfigError(where, "cannot set a key inside a scalar value")
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: what is wrong and where (line, column from 1)."""
+    what = "; ".join(str(p) for p in (getattr(exc, "context", None),
+                                      getattr(exc, "problem", None)) if p) or str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return " ".join(what.split()) + where
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "override must look like key.path=value")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(key.strip(), f"--set {item!r}: the value is not valid YAML: "
+                              f"{_yaml_problem(exc)} (lists: [32, 32]; quote a string "
+                              f"holding [ ] {{ }} : or #)") from None
+        _set_path(data, key.strip(), value)
     return data
 
 
@@ -781,10 +796,23 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError("", f"{path}: invalid YAML: {exc}") from exc
+            raise ConfigError("", f"{path}: invalid YAML: {_yaml_problem(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                "not a text file" if isinstance(exc, UnicodeDecodeError) else str(exc)
+            raise ConfigError("", f"{path}: cannot read the config: {reason}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("", f"{path}: a run config is a mapping of sections (name:, "
+                              f"output:, data:, teachers:, ...), but this file holds a "
+                              f"{_yaml_kind(data)}")
     data = _with_teacher_defaults(data)
     apply_overrides(data, overrides or [])
     return config_from_dict(_with_teacher_defaults(data))
+
+
+def _yaml_kind(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number",
+            bool: "boolean"}.get(type(value), type(value).__name__)
 
 
 class _KeepGiven(argparse.Action):

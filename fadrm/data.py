@@ -27,6 +27,7 @@ import hashlib
 import io
 import logging
 import math
+import re
 import struct
 import time
 import zlib
@@ -386,6 +387,9 @@ class _File:
     mtime_ns: int
 
 
+_IDX_NAME = re.compile(r"-idx\d-ubyte(\.gz)?$")
+
+
 def _scan_folder(root: str) -> tuple[list[str], list[_File]]:
     """Class names (sorted sub-folder names) and every image file under them."""
     fs, base = storage.filesystem(root)
@@ -408,9 +412,13 @@ def _scan_folder(root: str) -> tuple[list[str], list[_File]]:
         elif (e.type == pafs.FileType.File and len(parts) > 1
               and e.extension.lower() in {x[1:] for x in IMAGE_EXTENSIONS}):
             found.append((parts[0], rel, e))
+    idx = sorted(e.base_name for e in entries
+                 if e.type == pafs.FileType.File and _IDX_NAME.search(e.base_name))
+    # IDX files (Fashion-MNIST, MNIST) where images were expected: name the likely fix.
+    idx_hint = f"; it holds IDX files ({idx[0]}, ...): set data.kind: idx" if idx else ""
     if not classes:
         raise DataError(f"ImageFolder root {root} has no class sub-folders "
-                        f"(expected {root}/<class name>/<image files>)")
+                        f"(expected {root}/<class name>/<image files>){idx_hint}")
     names = sorted(classes)
     label_of = {name: i for i, name in enumerate(names)}
     files = sorted(
@@ -423,7 +431,7 @@ def _scan_folder(root: str) -> tuple[list[str], list[_File]]:
         if label_of[name] not in labels_seen:
             raise DataError(
                 f"class folder {storage.join(root, name)} contains no images "
-                f"({', '.join(IMAGE_EXTENSIONS)})"
+                f"({', '.join(IMAGE_EXTENSIONS)}){idx_hint}"
             )
     return names, files
 
@@ -719,7 +727,13 @@ class DataSummary:
     val_counts: list[int]
     """Validation images per class (after max_val)."""
     where: str
-    """How to name a class's images in a message: a folder pattern or the IDX file."""
+    """Where the images are: the ImageFolder root (one folder per class) or the IDX file."""
+    class_folders: bool = False
+    """True for an ImageFolder: each class's images are in ``where/<class name>``."""
+
+    def place(self, name: str) -> str:
+        """Where the images of class ``name`` are, for a message: its folder or the file."""
+        return storage.join(self.where, name) if self.class_folders else self.where
 
 
 def summarize(cfg: DataConfig, folder: tuple | None = None) -> DataSummary:
@@ -730,7 +744,7 @@ def summarize(cfg: DataConfig, folder: tuple | None = None) -> DataSummary:
     if cfg.kind == "imagefolder":
         classes, train_files, val_files = folder or _folder_splits(cfg)
         train, val = [f.label for f in train_files], [f.label for f in val_files]
-        where = storage.join(cfg.root, "<class>")
+        where = cfg.root
     else:
         train_base, val_base = IDX_FILES["train"][1], IDX_FILES["val"][1]
         labels = []
@@ -747,4 +761,5 @@ def summarize(cfg: DataConfig, folder: tuple | None = None) -> DataSummary:
         where = _idx_uri(cfg.root, train_base)
     count = lambda labels: np.bincount(np.asarray(labels, dtype=np.int64),  # noqa: E731
                                        minlength=len(classes)).tolist()
-    return DataSummary(classes, count(train), count(val), where)
+    return DataSummary(classes, count(train), count(val), where,
+                       class_folders=cfg.kind == "imagefolder")

@@ -18,6 +18,7 @@ import difflib
 import io
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -421,16 +422,36 @@ def _fit_problems(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
     return problems
 
 
+def _load_problem(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in our words.
+
+    Never torch's own advice: it suggests ``weights_only=False`` or allow-listing globals,
+    i.e. running code from an untrusted file, which this project never does.
+    """
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds a {found.group(1)} object; weights are loaded as tensors and "
+                f"plain containers only (no code in the file runs), so save a state_dict: "
+                f"torch.save(model.state_dict(), path)")
+    if "Weights only load failed" in text:
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        detail = f" ({found.group(1).strip()[:80]})" if found else ""
+        return (f"not a plain state_dict of tensors{detail}; weights are loaded as tensors "
+                f"and plain containers only (no code in the file runs)")
+    return (f"not a PyTorch checkpoint, or a damaged one ({type(exc).__name__}); save "
+            f"weights with torch.save(model.state_dict(), path)")
+
+
 def _parse_state(data: bytes, uri: str, label: str) -> dict[str, torch.Tensor]:
     """The state_dict in checkpoint bytes (weights_only), with wrapper prefixes stripped."""
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling raises many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"{uri}: cannot load weights for model {label} (weights_only=True accepts only "
-            f"tensors and plain containers): {first}"
-        ) from exc
+        raise WeightsError(f"{uri}: cannot load weights for model {label}: "
+                           f"{_load_problem(exc)}") from None
     if isinstance(obj, dict):
         for key in _STATE_KEYS:
             if isinstance(obj.get(key), dict):

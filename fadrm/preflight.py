@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from fadrm.plan import RunPlan
 
 __all__ = ["Preflight", "Inputs", "preflight", "check_inputs", "check_plan", "check_output",
-           "check_data", "check_teachers", "check_submittable", "running_as_ray_job"]
+           "check_data", "check_teachers", "check_submittable", "running_as_ray_job", "StorageUnreachable"]
 
 log = logging.getLogger("fadrm.preflight")
 
@@ -107,10 +107,16 @@ def _reject_placeholder(key: str, uri: str | None) -> None:
                           f"absolute local path)")
 
 
+class StorageUnreachable(ConfigError):
+    """A remote location of the config (output, data, weights) did not answer. Still bad
+    input for a run; a ``fadrm watch --dry-run`` goes on without it (offline)."""
+
+
 def _unreachable(key: str, uri: str, exc: Exception) -> InputError:
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ConfigError(key, f"{uri} is not reachable ({detail}); check the path, the "
-                       f"storage section (endpoint_url, region) and the AWS_* credentials")
+    return StorageUnreachable(key, f"{uri} is not reachable ({detail}); check the path, the "
+                              f"storage section (endpoint_url, region) and the AWS_* "
+                              f"credentials")
 
 
 def check_output(cfg: RunConfig, *, write_probe: bool = True,
@@ -133,7 +139,26 @@ def check_output(cfg: RunConfig, *, write_probe: bool = True,
         raise ConfigError("output", f"{cfg.output} is not writable ({exc}); choose a location "
                           f"this user may write to") from None
     except OSError as exc:
-        raise _unreachable("output", cfg.output, exc) from None
+        if storage.is_remote(cfg.output):
+            raise _unreachable("output", cfg.output, exc) from None
+        raise _local_output_error(cfg.output, exc) from None
+
+
+def _local_output_error(uri: str, exc: OSError) -> InputError:
+    """A local output that cannot be written: why, in words about the disk (a local path
+    has nothing to do with S3 settings or credentials)."""
+    import errno
+
+    fixes = {errno.EROFS: "it is on a read-only file system; choose a writable location",
+             errno.ENOSPC: "no space left on the device; free some space or choose another "
+                           "location",
+             errno.EDQUOT: "the disk quota is exhausted; free some space or choose another "
+                           "location",
+             errno.EACCES: "permission denied; choose a location this user may write to"}
+    why = fixes.get(exc.errno or 0)
+    if why is None:
+        why = f"{exc.strerror or exc}; check the path"
+    return ConfigError("output", f"{uri} is not writable: {why}")
 
 
 def running_as_ray_job() -> bool:
@@ -182,7 +207,7 @@ def check_data(cfg: RunConfig, warnings: list[str] | None = None,
         more = f" ({len(short)} classes in all)" if len(short) > 1 else ""
         limit = (f" after data.max_train_per_class={d.max_train_per_class}"
                  if d.max_train_per_class else "")
-        raise DataError(f"data: class {name!r} ({summary.where}) has {n} training images"
+        raise DataError(f"data: class {name!r} ({summary.place(name)}) has {n} training images"
                         f"{limit}, but {what} needs {need}{more}; lower ipc or select.factor, "
                         f"or add images")
     if warnings is not None and not any(summary.val_counts):

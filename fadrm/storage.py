@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
@@ -179,15 +178,22 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     local = local_path(uri)
     if local is not None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".tmp", dir=local.parent)
+        tmp = str(local.parent / f".{local.name}.{uuid.uuid4().hex[:12]}.tmp")
+        # Created like open() creates a file (0666 less the umask, not mkstemp's 0600), so
+        # other users and pods of another UID on shared storage can read the outputs.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, local)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename is None:
+                # A failed write (e.g. ENOSPC) does not say which file: name it.
+                raise OSError(exc.errno, exc.strerror, str(local)) from exc
             raise
         return
     fs, path = filesystem(uri)

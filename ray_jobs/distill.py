@@ -11,6 +11,7 @@ import logging
 import sys
 
 from fadrm.config import add_config_argument, load_config
+from fadrm.errors import stop_on_sigterm
 
 
 def run(cfg, show_progress: bool = True) -> dict:
@@ -22,7 +23,8 @@ def run(cfg, show_progress: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes as ``fadrm run``: 0 done, 2 bad input (nothing ran), 3 the run failed."""
+    """Exit codes as ``fadrm run``: 0 done, 2 bad input (nothing ran), 3 the run failed,
+    130 Ctrl-C, 143 SIGTERM."""
     from fadrm.cli import report_error
     from fadrm.runner import print_summary
     from fadrm.preflight import check_submittable, running_as_ray_job
@@ -38,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a config is required (CONFIG or --config CONFIG)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = load_config(source, args.overrides)
-        if running_as_ray_job():
-            check_submittable(cfg, "a job submitted to the Ray Jobs API")
-        # Progress always: a bar on a terminal, else (a pod's log, a Ray job) a line per 5 %.
-        metrics = run(cfg, show_progress=True)
+        with stop_on_sigterm():  # `ray job stop`, a deleted RayJob: stop as Ctrl-C does
+            cfg = load_config(source, args.overrides)
+            if running_as_ray_job():
+                check_submittable(cfg, "a job submitted to the Ray Jobs API")
+            # Progress always: a bar on a terminal, else (a pod's log, a Ray job) a line
+            # per 5 %.
+            metrics = run(cfg, show_progress=True)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - one line per failure
         return report_error(exc, verbose=args.verbose)
     print_summary(cfg, metrics)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -230,6 +231,17 @@ def connect(address: str | None, threads: int, max_workers: int) -> None:
     hide_known_noise()  # Ray Train's harmless PreemptionWatcher ERROR line, once per stage
     if ray.is_initialized():
         return
+    # ray.init replaces the SIGTERM handler (exit 15 at once); the caller's one (the CLI's:
+    # stop like Ctrl-C, workers shut down, exit 143) is put back once it has connected.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _init(address, threads, max_workers)
+    finally:
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _init(address: str | None, threads: int, max_workers: int) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
