@@ -138,7 +138,7 @@ def _decode_png(data: bytes, channels: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+        arr = np.array(im.convert("L" if channels == 1 else "RGB"))
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
