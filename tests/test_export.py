@@ -333,3 +333,71 @@ def test_s3_export_marker_last_and_dataset_reads_it(runs, exported, s3_endpoint)
 def test_importing_fadrm_does_not_import_torch():
     code = "import sys, fadrm; assert 'torch' not in sys.modules; fadrm.DistilledDataset"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# --------------------------------------------------------------------------- RGB, docs
+
+
+@pytest.fixture(scope="module")
+def rgb_export(tmp_path_factory):
+    """A micro CIFAR-10 ImageFolder (6 images per class), its random-real run, exported."""
+    import shutil
+
+    from fadrm.models import create_model, save_weights
+
+    cifar = Path("/work/shared/datasets/cifar10-train")
+    if not cifar.is_dir():
+        pytest.skip("CIFAR-10 ImageFolder not at /work/shared/datasets/cifar10-train")
+    root = tmp_path_factory.mktemp("rgb")
+    for folder in sorted(cifar.iterdir()):
+        (root / "data" / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:6]:
+            shutil.copy(f, root / "data" / folder.name / f.name)
+    torch.manual_seed(0)
+    save_weights(create_model("convnet", 10, in_chans=3, image_size=32), root / "teacher.pt")
+    cfg = tiny_run_config(root / "out", root / "data",
+                          teachers=[{"model": "convnet", "weights": str(root / "teacher.pt")}])
+    cfg["name"] = "rgb"
+    cfg["data"] = {"kind": "imagefolder", "root": str(root / "data"), "resolution": 32,
+                   "val_per_class": 2}
+    cfg["recover"]["method"] = "random-real"
+    cfg["relabel"].update(epochs=2, epochs_per_shard=2)
+    cfg["student"].update(eval_every=0)
+    path = root / "rgb.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--executor", "local", "--no-progress"]) == 0
+    assert main(["export", str(path), "--to", str(root / "export")]) == 0
+    return load_config(path), root / "export"
+
+
+def test_rgb_export_keeps_class_names_and_pixels(rgb_export):
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+
+    cfg, dest = rgb_export
+    _, images, labels = _distilled(cfg)
+    folder = ImageFolder(str(dest))  # torchvision's default (RGB) loader, as users call it
+    assert folder.classes[:2] == ["airplane", "automobile"] and len(folder) == 20
+    for path, target in folder.samples:
+        image_id = int(Path(path).stem)
+        assert target == int(labels[image_id])
+        assert torch.equal(pil_to_tensor(folder.loader(path)), images[image_id])
+
+
+def test_the_docs_training_loop_runs_on_an_export(rgb_export):
+    """docs/EXPORT.md's loop, as written (only the export's path replaced), trains a
+    torchvision ResNet-18 on the export with DataLoader workers."""
+    import re
+
+    _, dest = rgb_export
+    text = (Path(__file__).parents[1] / "docs" / "EXPORT.md").read_text()
+    block = next(b for b in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+                 if "kd_step" in b)
+    assert len(block.strip().splitlines()) < 15
+    scope: dict = {}
+    exec(block.replace('"exports/cifar10-ipc10"', repr(str(dest))), scope)  # noqa: S102
+    model, data = scope["model"], scope["data"]
+    assert data.epoch == 1 and type(model).__name__ == "ResNet"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # Trained on every stored batch: 2 epochs x 2 batches x 2 micro-batches (BN batches).
+    assert int(model.bn1.num_batches_tracked) == 8 and model.bn1.running_mean.abs().sum() > 0
