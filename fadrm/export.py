@@ -22,16 +22,17 @@ never overwritten.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import pyarrow as pa
 import yaml
 
 from fadrm import __version__, shards, storage
@@ -126,11 +127,12 @@ class _Files:
         self.record[rel] = {"sha256": storage.sha256_bytes(data), "bytes": len(data)}
         return rel, data
 
-    def payload(self) -> Iterator[tuple[str, bytes]]:
-        """Every file but the marker."""
+    def payload(self) -> Iterator[tuple[str, bytes | Callable[[Any], None]]]:
+        """Every file but the marker: its bytes, or a function that writes it to a stream
+        (the soft labels, streamed epoch by epoch: they can be many GB)."""
         if self.fmt == "imagefolder":
             yield from self._pngs()
-            yield self._add(SOFT_LABELS, self._soft_labels())
+            yield SOFT_LABELS, self._soft_labels
         else:
             yield from self._shards()
         cfg_text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
@@ -181,15 +183,15 @@ class _Files:
             pic.save(buf, format="PNG")  # lossless; same pixels, same bytes
             yield self._add(image_path(self.folders[label], i), buf.getvalue())
 
-    def _soft_labels(self) -> bytes:
-        """The relabel rows as one Parquet file, one row group per epoch (in memory: a
-        run's soft labels are the small part of its outputs, zstd-compressed)."""
+    def _soft_labels(self, stream) -> None:
+        """The relabel rows as one Parquet file on ``stream``, one row group per epoch (one
+        relabel shard in memory at a time); its sha256 and size are recorded as written."""
         import pyarrow.parquet as pq
 
         from fadrm.relabel import epoch_table
 
         relabel = self.plan.relabel
-        sink = pa.BufferOutputStream()
+        sink = _Hashing(stream)
         writer = None
         for unit in relabel.units():
             table = shards.read_table(relabel.unit_uri(unit))
@@ -201,7 +203,7 @@ class _Files:
                 writer.write_table(rows, row_group_size=rows.num_rows)
         assert writer is not None
         writer.close()
-        return sink.getvalue().to_pybytes()
+        self.record[SOFT_LABELS] = {"sha256": sink.sha.hexdigest(), "bytes": sink.size}
 
     def _shards(self) -> Iterator[tuple[str, bytes]]:
         """The image and label shards (and their checksum sidecars) byte for byte."""
@@ -211,6 +213,29 @@ class _Files:
                 name = uri.rstrip("/").rsplit("/", 1)[-1]
                 yield self._add(f"{folder}/{name}", shards.read_artifact(uri))
                 yield self._add(f"{folder}/{name}.json", storage.read_bytes(uri + ".json"))
+
+
+class _Hashing:
+    """A write-only file object that hashes what passes through to ``stream``."""
+
+    def __init__(self, stream):
+        self.stream, self.sha, self.size, self.closed = stream, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.sha.update(data)
+        self.size += len(data)
+        self.stream.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:  # the caller closes the stream itself
+        self.closed = True
 
 
 def _json(obj) -> bytes:
@@ -232,7 +257,11 @@ def _write_local(dest: Path, files: _Files) -> None:
         for rel, data in files.payload():
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            if callable(data):
+                with open(path, "wb") as f:
+                    data(f)
+            else:
+                path.write_bytes(data)
         (tmp / EXPORT_MARKER).write_bytes(files.marker())
         os.rename(tmp, dest)  # onto an absent or empty folder; fails on a non-empty one
     except OSError as exc:
@@ -268,7 +297,11 @@ def _write_remote(dest: str, files: _Files, export_id: str) -> None:
         log.info("%s: finishing an interrupted export of this run", dest)
     storage.write_bytes_atomic(pending, _json({"export_id": export_id}))
     for rel, data in files.payload():
-        storage.write_bytes_atomic(storage.join(dest, rel), data)
+        if callable(data):  # one (multipart) upload, published when it completes
+            with fs.open_output_stream(f"{path.rstrip('/')}/{rel}") as f:
+                data(f)
+        else:
+            storage.write_bytes_atomic(storage.join(dest, rel), data)
     storage.write_bytes_atomic(storage.join(dest, EXPORT_MARKER), files.marker())
     storage.delete(pending)
 

@@ -134,6 +134,12 @@ def test_soft_labels_parquet_holds_the_stored_rows_one_group_per_epoch(runs, exp
         assert got.schema.metadata[b"top_k"] == b"4"
         for name in stored.column_names:
             assert got.column(name).to_pylist() == stored.column(name).to_pylist(), name
+    marker = json.loads((exported["imagefolder"] / "export.json").read_text())
+    import hashlib
+
+    data = (exported["imagefolder"] / "soft_labels.parquet").read_bytes()
+    assert marker["files"]["soft_labels.parquet"] == {
+        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def test_arrow_export_copies_the_shards_byte_for_byte(runs, exported):
@@ -183,6 +189,36 @@ def test_same_export_again_is_a_no_op_and_a_different_one_is_refused(runs, expor
     assert main(["export", str(path), "--to", str(tmp_path / "busy")]) == 2
     assert "is not a fadrm export" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # no temporary left
+
+
+def test_an_interrupted_export_leaves_nothing_and_s3_finishes_it(runs, tmp_path,
+                                                                  monkeypatch, s3_endpoint):
+    import boto3
+
+    from fadrm import export as ex
+
+    _, cfg = runs["rded"]
+
+    def broken(self, stream):
+        stream.write(b"PAR1 half")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(ex._Files, "_soft_labels", broken)
+        with pytest.raises(OSError, match="disk full"):
+            ex.export_run(cfg, str(tmp_path / "dest"))
+        assert list(tmp_path.iterdir()) == []  # no DEST, no temporary sibling
+        with pytest.raises(OSError, match="disk full"):
+            ex.export_run(cfg, "s3://fadrm-test/interrupted")
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="fadrm-test",
+                                                     Prefix="interrupted/")["Contents"]}
+    assert "interrupted/export.json" not in keys and len(keys) > 20  # the PNGs were put
+    from fadrm.dataset import read_marker
+
+    assert read_marker("s3://fadrm-test/interrupted") is None  # incomplete: not an export
+    assert ex.export_run(cfg, "s3://fadrm-test/interrupted").written  # the same run: finished
+    assert read_marker("s3://fadrm-test/interrupted")["name"] == "tiny-rded"
 
 
 def test_an_unfinished_run_is_refused_naming_what_is_missing(runs, capsys, tmp_path):
