@@ -236,19 +236,18 @@ def test_an_unfinished_run_is_refused_naming_what_is_missing(runs, capsys, tmp_p
 # --------------------------------------------------------------------------- the Dataset
 
 
-def test_a_plain_loop_over_the_dataset_reproduces_the_student_bit_for_bit(runs, exported):
-    """The docs/EXPORT.md loop (with the stage's seed and model) gives the evaluate stage's
-    student.pt, every tensor equal."""
+def _assert_loop_gives_the_student(cfg, source) -> None:
+    """The docs/EXPORT.md loop over ``DistilledDataset(source)`` (with the stage's seed and
+    model) gives the evaluate stage's student.pt, every tensor equal."""
     from fadrm import DistilledDataset
     from fadrm.models import create_model
     from fadrm.pipeline import unit_seed
     from fadrm.student import cosine_lr, kd_step, param_groups
 
-    _, cfg = runs["rded"]
     plan = RunPlan(cfg)
     stored = torch.load(Path(plan.evaluate.dir) / "student.pt", weights_only=True)
 
-    data = DistilledDataset(str(exported["imagefolder"]))
+    data = DistilledDataset(source)
     seed = unit_seed(cfg.seed, "evaluate", "student")
     torch.manual_seed(seed)
     model = create_model(cfg.student.model, data.num_classes, in_chans=1, image_size=28,
@@ -261,12 +260,34 @@ def test_a_plain_loop_over_the_dataset_reproduces_the_student_bit_for_bit(runs, 
         for group in opt.param_groups:
             group["lr"] = cosine_lr(s.lr, epoch, data.epochs, s.eta)
         for x, targets in loader:
-            kd_step(model, opt, x, targets, s)
+            kd_step(model, opt, x, targets, s, hard=data.hard_rows)
     model.to(memory_format=torch.contiguous_format)
     mine = model.state_dict()
     assert mine.keys() == stored.keys()
     for name, value in stored.items():
         assert torch.equal(mine[name], value), name
+
+
+def test_a_plain_loop_over_the_dataset_reproduces_the_student_bit_for_bit(runs, exported):
+    _, cfg = runs["rded"]
+    _assert_loop_gives_the_student(cfg, str(exported["imagefolder"]))
+
+
+def test_the_loop_reproduces_a_hard_label_student_too(runs, tmp_path):
+    """Hard-label rows (the hard-label baseline): CutMix-mixed class targets, cross-entropy;
+    the Dataset read from the run's config this time."""
+    path, _ = runs["random-real"]
+    settings = yaml.safe_load(path.read_text())
+    settings["name"] = "tiny-hard"
+    settings["relabel"].update(label_mode="hard", top_k=0)
+    hard = tmp_path / "hard.yaml"
+    hard.write_text(yaml.safe_dump(settings))
+    assert main(["run", str(hard), "--executor", "local", "--no-progress"]) == 0
+    from fadrm import DistilledDataset
+
+    data = DistilledDataset(str(hard))
+    assert data.hard_rows and torch.allclose(data[0][1].sum(), torch.tensor(1.0))
+    _assert_loop_gives_the_student(load_config(hard), str(hard))
 
 
 def test_dataset_on_an_arrow_export_a_config_and_s3_serves_the_same_items(runs, exported):
