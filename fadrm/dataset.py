@@ -33,7 +33,8 @@ from fadrm import shards, storage
 from fadrm.config import RunConfig, StudentConfig, config_to_dict
 from fadrm.data import normalize
 from fadrm.errors import InputError
-from fadrm.relabel import epoch_table, hard_targets, is_hard, soft_targets, view_rows, views_from_table
+from fadrm.relabel import (epoch_table, hard_targets, is_hard, soft_targets, view_rows,
+                           views_from_table)
 
 __all__ = ["DistilledDataset", "EXPORT_MARKER", "SOFT_LABELS", "image_path", "class_folders"]
 
@@ -151,12 +152,19 @@ def _from_export(root: str, marker: dict) -> _Distilled:
     images = torch.empty((n, c, h, w), dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.long)
     if marker["format"] == "imagefolder":
+        from concurrent.futures import ThreadPoolExecutor
+
         ipc = marker["ipc"]
         folders = [cl["folder"] for cl in marker["classes"]]
-        for i in range(n):
+
+        def load(i: int) -> None:
             uri = storage.join(root, image_path(folders[i // ipc], i))
             images[i] = torch.from_numpy(_decode_png(storage.read_bytes(uri), c))
-            labels[i] = i // ipc
+
+        # Object stores answer one GET at a time: several in flight hide the latency.
+        with ThreadPoolExecutor(16 if storage.is_remote(root) else 4) as pool:
+            list(pool.map(load, range(n)))
+        labels[:] = torch.arange(n) // ipc  # image ids are class * IPC + index
         read_labels: Callable[[int], pa.Table] = _ParquetLabels(
             storage.join(root, marker["soft_labels"]))
     elif marker["format"] == "arrow":

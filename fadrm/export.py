@@ -368,11 +368,15 @@ def _card(plan, manifest: dict, metrics: dict, fmt: str, folders: list[str]) -> 
         top = f"{tops[i]:.2f}" if i < len(tops) else "?"
         lines.append(f"| {i} | {t['model']} | `{t['fingerprint']}` | {top} | {roles} |")
     rr = metrics.get("random_real")
-    margin = (f"{rr['margin']:+.2f} points over random real images with the same soft-label "
-              f"protocol ({rr['student_top1']:.2f} %, report `{rr['name']}` "
-              f"`{rr['config_fingerprint']}`)" if rr else
-              "no random-real report of the same data, IPC, teachers and protocol was found "
-              "beside this run, so no margin over random real is given")
+    if cfg.recover.method == "random-real":
+        margin = "this is the random-real baseline itself"
+    elif rr:
+        margin = (f"{rr['margin']:+.2f} points over random real images with the same "
+                  f"soft-label protocol ({rr['student_top1']:.2f} %, report `{rr['name']}` "
+                  f"`{rr['config_fingerprint']}`)")
+    else:
+        margin = ("no random-real report of the same data, IPC, teachers and protocol was "
+                  "found beside this run, so no margin over random real is given")
     lines += [
         "", "## Student results", "",
         f"A `{cfg.student.model}` trained only on these images and soft labels "

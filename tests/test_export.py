@@ -433,6 +433,7 @@ def test_rgb_export_keeps_class_names_and_pixels(rgb_export):
 
     cfg, dest = rgb_export
     _, images, labels = _distilled(cfg)
+    assert "this is the random-real baseline itself" in (dest / "README.md").read_text()
     folder = ImageFolder(str(dest))  # torchvision's default (RGB) loader, as users call it
     assert folder.classes[:2] == ["airplane", "automobile"] and len(folder) == 20
     for path, target in folder.samples:
