@@ -88,7 +88,7 @@ def export_run(cfg: RunConfig, dest: str, fmt: str = "imagefolder") -> ExportRes
     if storage.is_remote(dest):
         _write_remote(dest, files, export_id)
     else:
-        _write_local(Path(dest), files)
+        _write_local(storage.local_path(dest), files)
     result.written = True
     return result
 

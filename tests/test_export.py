@@ -189,6 +189,9 @@ def test_same_export_again_is_a_no_op_and_a_different_one_is_refused(runs, expor
     assert main(["export", str(path), "--to", str(tmp_path / "busy")]) == 2
     assert "is not a fadrm export" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # no temporary left
+    (tmp_path / "empty").mkdir()  # an empty folder (made for it) is fine
+    assert main(["export", str(path), "--to", str(tmp_path / "empty"), "--format", "arrow"]) == 0
+    assert (tmp_path / "empty" / "export.json").is_file()
 
 
 def test_an_interrupted_export_leaves_nothing_and_s3_finishes_it(runs, tmp_path,
