@@ -1,4 +1,4 @@
-"""`fadrm` command line: run, demo, status, presets.
+"""`fadrm` command line: run, demo, status, export, presets.
 
 Imports here stay light (no torch, pyarrow or Ray at module level): `fadrm --help` and
 `fadrm presets` answer in a fraction of a second; each command imports what it runs.
@@ -89,6 +89,19 @@ def cmd_demo(args) -> int:
                     show_progress=not args.no_progress, executor=args.executor)
 
 
+def cmd_export(args) -> int:
+    from fadrm.export import export_run
+
+    cfg = _load(args)
+    result = export_run(cfg, args.to, args.format)
+    if result.written:
+        print(f"exported {cfg.name} ({result.num_images} images, {result.epochs} epochs of "
+              f"soft labels) to {result.dest}/ as {result.format}; see its README.md")
+    else:
+        print(f"{result.dest}/ already holds this export ({result.export_id}); nothing to do")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fadrm",
@@ -134,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     with_executor(p)
     p.set_defaults(func=cmd_demo)
+
+    p = with_config(sub.add_parser("export", help="write a finished run's distilled set "
+                                   "as an image folder of PNGs (or its Arrow shards) with "
+                                   "its soft labels, config and a dataset card"))
+    p.add_argument("--to", required=True, metavar="DEST",
+                   help="a new (or empty) local folder or s3://bucket/prefix")
+    p.add_argument("--format", choices=("imagefolder", "arrow"), default="imagefolder",
+                   help="imagefolder (default): <class>/<id>.png + soft_labels.parquet; "
+                        "arrow: the run's shards byte for byte")
+    p.set_defaults(func=cmd_export)
 
     from fadrm.watch import add_watch_arguments, run_watch
 

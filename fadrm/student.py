@@ -42,8 +42,8 @@ from fadrm.metrics import evaluate
 from fadrm.relabel import view_rows
 from fadrm.training import Trainer, all_reduce_sum, param_groups, world as dist_world, wrap_ddp
 
-__all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "micro_batches", "param_groups",
-           "train_student"]
+__all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "kd_step", "micro_batches",
+           "micro_loss_sum", "param_groups", "train_student"]
 
 
 def cosine_lr(base_lr: float, epoch: int, num_epochs: int, eta: float) -> float:
@@ -68,6 +68,63 @@ def micro_batches(batch_size: int, accumulation_steps: int) -> list[np.ndarray]:
     near-equal parts (empty parts of a short batch are dropped)."""
     parts = np.array_split(np.arange(batch_size), min(accumulation_steps, batch_size))
     return [p for p in parts if len(p)]
+
+
+def micro_loss_sum(net: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                   cfg: StudentConfig, num_classes: int, hard: bool = False) -> torch.Tensor:
+    """The student's forward pass on one micro-batch of rendered views ``x`` (channels_last,
+    under ``cfg.mixed_precision``'s autocast) and its summed loss against ``targets``:
+    KL to teacher logits at ``cfg.temperature``, or (``hard``) cross-entropy to
+    class-probability targets. Shared by :func:`train_student` and :func:`kd_step`."""
+    with autocast(x.device, cfg.mixed_precision):
+        logits = net(to_layout(x, True))
+    if logits.shape[1] != num_classes:
+        raise ValueError(f"student outputs {logits.shape[1]} classes, expected {num_classes}")
+    t = targets.to(x.device)
+    return hard_loss_sum(logits, t) if hard else kd_loss_sum(logits, t, cfg.temperature)
+
+
+def kd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+            targets: torch.Tensor, cfg: StudentConfig, hard: bool = False,
+            scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimiser step of the evaluate stage's student on one stored batch, for a
+    training loop of one's own (see :class:`fadrm.DistilledDataset`); returns the batch's
+    mean loss.
+
+    ``x``: the batch's rendered views ``[B, C, H, W]``; ``targets``: their stored teacher
+    logits (``hard``: class probabilities of hard-label rows). As :func:`train_student` on
+    one rank: ``cfg.accumulation_steps`` micro-batches (the BatchNorm batch), each loss
+    ``sum / B``, one step; the model is moved to channels_last (the layout the student
+    trains in; ``model.to(memory_format=torch.contiguous_format)`` undoes it). ``scaler``:
+    the fp16 GradScaler to use on CUDA with mixed precision (:func:`fadrm.amp.grad_scaler`).
+    Set the learning rate per epoch with :func:`cosine_lr` and the optimiser up with
+    :func:`param_groups`, as the stage does, for the same weights bit for bit.
+    """
+    device = next(model.parameters()).device
+    model.to(memory_format=torch.channels_last)
+    model.train()
+    full = len(x)
+    if full == 0 or len(targets) != full:
+        raise ValueError(f"kd_step needs a non-empty batch with one target row per view, got "
+                         f"{full} views and {len(targets)} targets")
+    total = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    for positions in micro_batches(full, cfg.accumulation_steps):
+        index = torch.as_tensor(positions)
+        loss_sum = micro_loss_sum(model, x[index].to(device), targets[index], cfg,
+                                  targets.shape[1], hard)
+        if not torch.isfinite(loss_sum):
+            raise RuntimeError(f"non-finite student loss: {loss_sum.item()}")
+        loss = loss_sum * (1.0 / full)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += float(loss_sum.detach()) / full
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
 
 
 @dataclass
@@ -215,14 +272,8 @@ def _train_step(run: _Run, labels: LabelRows, epoch: int, b: int) -> torch.Tenso
         sync = contextlib.nullcontext() if run.world == 1 or last else run.net.no_sync()
         with sync:
             x = view_rows(run.images, rows, positions, run.mean, run.std, out_size, run.device)
-            with autocast(run.device, run.cfg.mixed_precision):
-                logits = run.net(to_layout(x, True))
-            if logits.shape[1] != run.num_classes:
-                raise ValueError(f"student outputs {logits.shape[1]} classes, "
-                                 f"expected {run.num_classes}")
-            t = targets[torch.as_tensor(positions)].to(run.device)
-            loss_sum = (hard_loss_sum(logits, t) if hard
-                        else kd_loss_sum(logits, t, run.cfg.temperature))
+            loss_sum = micro_loss_sum(run.net, x, targets[torch.as_tensor(positions)],
+                                      run.cfg, run.num_classes, hard)
             if not torch.isfinite(loss_sum):
                 raise RuntimeError(
                     f"non-finite student loss at epoch {epoch}, batch {b} "
