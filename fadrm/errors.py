@@ -18,7 +18,7 @@ __all__ = ["InputError", "DeviceError", "MissingDependencyError", "Terminated",
            "stop_on_sigterm", "EXIT_OK", "EXIT_WORK_TO_DO", "EXIT_BAD_INPUT", "EXIT_RUN_FAILED",
            "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
-# Exit codes of every `fadrm` command and of `python -m ray_jobs.distill` (README "Exit codes").
+# Exit codes of every `fadrm` command and of `python -m ray_jobs.distill` (docs/CLI.md, "Exit codes").
 EXIT_OK = 0
 """Done, or already up to date."""
 EXIT_WORK_TO_DO = 1
