@@ -22,6 +22,9 @@ from fadrm.config.run import ExecutionConfig, RunConfig, StorageConfig
 from fadrm.config.stages import (RecoverConfig, RelabelConfig, SelectConfig, SqueezeConfig,
                                  StudentConfig)
 
+# The names imported here but not in __all__ are the package's API as well (the
+# library's own modules import them from here).
+
 __all__ = [
     "ConfigError",
     "DataConfig",

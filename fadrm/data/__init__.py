@@ -35,6 +35,9 @@ from fadrm.data.images import (DataError, ImageSet, Progress, center_offsets, co
 from fadrm.data.registry import (DataSummary, class_names, data_fingerprint,
                                  fingerprint_from_digest, load_data, summarize)
 
+# The names imported here but not in __all__ are the package's API as well (the
+# library's own modules import them from here).
+
 __all__ = [
     "ImageSet",
     "normalize",
