@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from fadrm import data as fdata
+from fadrm.data import decode as fdecode
 from fadrm import storage
 from fadrm.config import DataConfig
 from fadrm.data import DataSummary, ImageSet
@@ -85,7 +86,7 @@ def _listing_from_index(table: pa.Table) -> Listing:
     for split, uri, rel, label, size, mtime in zip(cols["split"], cols["uri"], cols["rel"],
                                                    cols["label"], cols["size"],
                                                    cols["mtime_ns"]):
-        files[split].append(fdata._File(uri, rel, label, size, mtime))
+        files[split].append(fdecode._File(uri, rel, label, size, mtime))
     classes = meta[b"classes"].decode().split("\n")
     return Listing(classes, files, meta[b"fingerprint"].decode())
 
@@ -267,8 +268,8 @@ class _FileDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         f = self.files[i]
         try:
-            arr = torch.from_numpy(fdata._decode(f, self.cfg.resolution, self.mode,
-                                                 self.crop_ratio))
+            arr = torch.from_numpy(fdecode._decode(f, self.cfg.resolution, self.mode,
+                                                   self.crop_ratio))
         except Exception as exc:  # noqa: BLE001 - PIL's many error types: skip the file
             log.warning("skipping unreadable image %s: %s", f.uri, exc)
             return None, f.label

@@ -1,6 +1,6 @@
 """Stages decode only what they use (issue: ImageNet-scale data access).
 
-Decodes are counted at the one place pixels come from (``fadrm.data._open``), on small
+Decodes are counted at the one place pixels come from (``fadrm.data.decode._open``), on small
 synthetic ImageFolder trees written here.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fadrm import data as fdata
+from fadrm.data import decode as fdecode
 from fadrm.config import load_config
 from fadrm.datasource import DataSource, list_data
 from fadrm.models import create_model
@@ -37,13 +37,13 @@ def _tree(root: Path, num_classes: int, per_class: int, size: int = 12) -> Path:
 @pytest.fixture
 def decodes(monkeypatch) -> list[str]:
     seen: list[str] = []
-    original = fdata._open
+    original = fdecode._open
 
     def counting(file, mode, at_least):
         seen.append(file.rel)
         return original(file, mode, at_least)
 
-    monkeypatch.setattr(fdata, "_open", counting)
+    monkeypatch.setattr(fdecode, "_open", counting)
     return seen
 
 

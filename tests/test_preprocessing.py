@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from fadrm import data as fdata
+from fadrm.data import decode as fdecode
 from fadrm.config import ConfigError, DataConfig, SelectConfig, load_config
 from fadrm.datasource import DataSource
 from fadrm.patches import _random_boxes, select_patches
@@ -153,10 +154,10 @@ def test_huge_jpeg_is_decoded_small_but_never_below_the_resolution(tmp_path):
     big = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
     (tmp_path / "a").mkdir()
     Image.fromarray(big).save(tmp_path / "a" / "0.jpg", quality=90)
-    f = fdata._File(str(tmp_path / "a" / "0.jpg"), "a/0.jpg", 0, 0, 0)
-    h, w, _ = fdata._decode_original(f, 64, "RGB").shape
+    f = fdecode._File(str(tmp_path / "a" / "0.jpg"), "a/0.jpg", 0, 0, 0)
+    h, w, _ = fdecode._decode_original(f, 64, "RGB").shape
     assert (h, w) == (96, 128)  # DCT-scaled by 8: shorter side 96 >= 64
-    h, w, _ = fdata._decode_original(f, 200, "RGB").shape
+    h, w, _ = fdecode._decode_original(f, 200, "RGB").shape
     assert min(h, w) >= 200 and (h, w) == (384, 512)
 
 

@@ -1,0 +1,219 @@
+"""The config sections of the stages: squeeze, select, recover, relabel and the student."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fadrm.config.checks import ConfigError, _positive, _scale_range, _unit_interval
+from fadrm.methods.registry import Method, create_method, is_method, list_methods
+
+
+@dataclass(kw_only=True)
+class SqueezeConfig:
+    """Teacher training on the real data (only for teachers without weights)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    mixed_precision: bool = True
+
+    def validate(self, p: str) -> None:
+        _positive(self.epochs, f"{p}.epochs")
+        _positive(self.batch_size, f"{p}.batch_size")
+        _positive(self.lr, f"{p}.lr")
+        _unit_interval(self.label_smoothing, f"{p}.label_smoothing")
+
+
+@dataclass(kw_only=True)
+class SelectConfig:
+    """Realism-scored patch selection (initial images P)."""
+
+    num_candidates: int = 300
+    """m: random real images drawn per class."""
+    num_crops: int = 5
+    """c: square patches cropped from each candidate image."""
+    factor: int = 1
+    """Patches per side stitched into one image (1 or 2)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range of the candidate patches (fraction of the image)."""
+    crop_ratio: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """RandomResizedCrop aspect-ratio range (width / height, drawn log-uniformly as
+    torchvision does); [1, 1] = square patches, as RDED (ratio=(1, 1)); [0.75, 1.3333]
+    = torchvision's default. A non-square box is resized to a square patch."""
+    full_resolution: bool = True
+    """ImageFolder data: cut the patches from each candidate at its stored size (JPEGs
+    DCT-downscaled only while the shorter side stays >= data.resolution), as the authors'
+    RandomResizedCrop on the original image; false -> from the centre square at
+    data.resolution that training images are decoded to. Same bytes either way for IDX
+    data and for images stored as resolution x resolution squares."""
+    batch_size: int = 256
+    teacher: int = 0
+    """Index into `teachers` of the observer that scores realism."""
+
+    def validate(self, p: str) -> None:
+        _positive(self.num_candidates, f"{p}.num_candidates")
+        _positive(self.num_crops, f"{p}.num_crops")
+        if self.factor not in (1, 2):
+            raise ConfigError(f"{p}.factor", f"must be 1 or 2, got {self.factor}")
+        _scale_range(self.crop_scale, f"{p}.crop_scale")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ConfigError(f"{p}.crop_ratio",
+                              f"must be [low, high] with 0 < low <= high, got {self.crop_ratio}")
+        _positive(self.batch_size, f"{p}.batch_size")
+
+
+@dataclass(kw_only=True)
+class RecoverConfig:
+    """Data residual matching (pixel optimisation)."""
+
+    method: str = "fadrm"
+    """A registered method (:mod:`fadrm.methods`): random-real, rded, sre2l, fadrm, fadrm+."""
+    resolutions: list[int] = field(default_factory=lambda: [32, 32, 32, 32])
+    """MRO: resolution of each stage (k+1 stages)."""
+    stage_iterations: list[int] = field(default_factory=lambda: [500, 500, 500, 500])
+    """MRO: iterations of each stage; one cosine schedule spans their sum."""
+    lr: float = 0.25
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    r_bn: float = 0.01
+    """Weight of the BN-statistics loss."""
+    first_bn_multiplier: float = 10.0
+    """m_1: extra weight of the first BatchNorm layer's statistics."""
+    alpha: float = 0.5
+    """ARC: x <- alpha * x + (1 - alpha) * resample(P) at inner stage boundaries."""
+    jitter: int = 4
+    """Maximum cyclic shift in pixels."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    flip: bool = True
+    class_block_size: int = 0
+    """Classes per work unit / batch (one image per class); 0 -> all classes."""
+    allow_no_bn: bool = False
+    """Allow a recover teacher without BatchNorm running statistics for the BN-matching
+    methods (sre2l, fadrm, fadrm+): its BN term is 0, so recover optimises cross-entropy
+    only (not FADRM). Off: such a teacher is an error before any stage runs."""
+    channels_last: bool = True
+    """Run the teachers in the channels_last memory layout (faster convolutions and
+    batch-norm statistics; the loss is the same up to float rounding)."""
+    compile: bool = False
+    """torch.compile the teachers' forward (off: on a 2-core CPU compiling costs minutes
+    and did not pay for itself, see benchmarks/README.md)."""
+
+    @property
+    def spec(self) -> Method:
+        """The registered method object (:func:`fadrm.methods.create_method`)."""
+        return create_method(self.method)
+
+    @property
+    def total_iterations(self) -> int:
+        return sum(self.stage_iterations)
+
+    def validate(self, p: str) -> None:
+        if not is_method(self.method):
+            raise ConfigError(
+                f"{p}.method", f"unknown method {self.method!r}; choose from "
+                f"{sorted(list_methods())}"
+            )
+        if len(self.resolutions) != len(self.stage_iterations):
+            raise ConfigError(
+                f"{p}.stage_iterations",
+                f"has {len(self.stage_iterations)} entries but {p}.resolutions has "
+                f"{len(self.resolutions)}; MRO needs one budget per resolution",
+            )
+        if not self.resolutions:
+            raise ConfigError(f"{p}.resolutions", "needs at least one stage")
+        for i, r in enumerate(self.resolutions):
+            _positive(r, f"{p}.resolutions[{i}]")
+        for i, n in enumerate(self.stage_iterations):
+            if n < 0:
+                raise ConfigError(f"{p}.stage_iterations[{i}]", f"must be >= 0, got {n}")
+        _positive(self.lr, f"{p}.lr")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{p}.betas", f"must be two values in [0, 1), got {self.betas}")
+        if self.r_bn < 0:
+            raise ConfigError(f"{p}.r_bn", "must be >= 0")
+        _unit_interval(self.alpha, f"{p}.alpha")
+        if self.jitter < 0:
+            raise ConfigError(f"{p}.jitter", "must be >= 0")
+        _scale_range(self.crop_scale, f"{p}.crop_scale")
+        if self.class_block_size < 0:
+            raise ConfigError(f"{p}.class_block_size", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class RelabelConfig:
+    """FKD-style soft labels: per-epoch views + teacher-ensemble logits."""
+
+    epochs: int = 300
+    """E: one set of views per student epoch."""
+    batch_size: int = 100
+    """Images per view batch (CutMix mixes within a batch); the student uses the same."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    flip: bool = True
+    cutmix: bool = True
+    cutmix_beta: float = 1.0
+    teacher_bn_mode: str = "train"
+    """'train' (batch statistics, as the reference) or 'eval' (running statistics)."""
+    bn_splits: int = 2
+    """With teacher_bn_mode 'train': each stored batch is labelled in this many contiguous
+    parts, whose size is the teachers' BN batch (the reference: 2 halves, e.g. 16 -> 2 x 8).
+    1 labels the whole batch at once. No effect in 'eval' mode."""
+    top_k: int = 0
+    """Store only the k largest logits (plus the mean of the rest); 0 -> all logits."""
+    label_mode: str = "soft"
+    """'soft': teacher-ensemble logits (FKD). 'hard': no teacher; each view is labelled
+    with its image's class (CutMix views: lam * own class + (1 - lam) * partner's class)
+    and the student trains with cross-entropy on those targets (the hard-label baseline)."""
+    epochs_per_shard: int = 50
+    """Work unit size: epochs per soft-label shard (relabel units = epochs / this; the
+    labels do not depend on it, only how many workers relabel can use)."""
+
+    def validate(self, p: str) -> None:
+        _positive(self.epochs, f"{p}.epochs")
+        _positive(self.batch_size, f"{p}.batch_size")
+        _scale_range(self.crop_scale, f"{p}.crop_scale")
+        _positive(self.cutmix_beta, f"{p}.cutmix_beta")
+        if self.teacher_bn_mode not in ("train", "eval"):
+            raise ConfigError(f"{p}.teacher_bn_mode", "must be 'train' or 'eval'")
+        _positive(self.bn_splits, f"{p}.bn_splits")
+        if self.top_k < 0:
+            raise ConfigError(f"{p}.top_k", "must be >= 0 (0 keeps all logits)")
+        if self.label_mode not in ("soft", "hard"):
+            raise ConfigError(f"{p}.label_mode", f"must be 'soft' or 'hard', got "
+                              f"{self.label_mode!r}")
+        if self.label_mode == "hard" and self.top_k:
+            raise ConfigError(f"{p}.top_k", "applies to soft labels only; use 0 with "
+                              "label_mode 'hard'")
+        _positive(self.epochs_per_shard, f"{p}.epochs_per_shard")
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    """Student trained only on the distilled images and their stored soft labels."""
+
+    model: str = "resnet18"
+    small_stem: bool | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 20.0
+    eta: float = 2.0
+    """Cosine schedule 0.5 * (1 + cos(pi * epoch / (epochs * eta)))."""
+    accumulation_steps: int = 2
+    """Micro-batches per stored relabel batch (one optimiser step per stored batch; the
+    micro-batch is the BatchNorm batch and the unit data-parallel ranks share out)."""
+    eval_every: int = 0
+    """Evaluate every N epochs (0 -> only at the end); the best epoch is reported too."""
+    eval_batch_size: int = 512
+    mixed_precision: bool = True
+
+    def validate(self, p: str) -> None:
+        _positive(self.lr, f"{p}.lr")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{p}.weight_decay", "must be >= 0")
+        _positive(self.temperature, f"{p}.temperature")
+        _positive(self.eta, f"{p}.eta")
+        _positive(self.accumulation_steps, f"{p}.accumulation_steps")
+        if self.eval_every < 0:
+            raise ConfigError(f"{p}.eval_every", "must be >= 0")
+        _positive(self.eval_batch_size, f"{p}.eval_batch_size")
