@@ -161,9 +161,7 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
     if any(todo.values()):
         plan.source.write_index(cfg.output)  # workers read it instead of listing again
     if not damaged and not any(todo.values()):
-        previous = plan.previous_manifest()
-        keys = {s.label: s.key.key for s in plan.stages}
-        if previous and {k: v["key"] for k, v in previous["stages"].items()} == keys:
+        if plan.report_state(plan.previous_manifest())[0] == "current":
             log.info("%s: up to date, nothing to do (report: %s)", cfg.name, plan.run_dir)
             point_latest(plan)
             return shards.read_json(storage.join(plan.run_dir, "metrics.json"))
