@@ -46,8 +46,10 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     from fadrm.preflight import preflight
 
-    plan = preflight(_load(args), write_probe=False).plan
-    status = plan.status(verify=args.verify)
+    cfg = _load(args)
+    plan = preflight(cfg, write_probe=False).plan
+    # execution.verify_outputs: the config asks for every byte to be checked; so does status.
+    status = plan.status(verify=args.verify or cfg.execution.verify_outputs)
     report = plan.run_dir if status.report != "missing" else None
     if args.json:
         print(json.dumps({"up_to_date": status.up_to_date, "fingerprints": status.fingerprints,
