@@ -46,19 +46,28 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     from fadrm.preflight import preflight
 
-    plan = preflight(_load(args), write_probe=False).plan
-    status = plan.status()
-    report = plan.run_dir if plan.previous_manifest() is not None else None
+    cfg = _load(args)
+    plan = preflight(cfg, write_probe=False).plan
+    # execution.verify_outputs: the config asks for every byte to be checked; so does status.
+    status = plan.status(verify=args.verify or cfg.execution.verify_outputs)
+    report = plan.run_dir if status.report != "missing" else None
     if args.json:
         print(json.dumps({"up_to_date": status.up_to_date, "fingerprints": status.fingerprints,
-                          "report": report, "stages": [s.__dict__ for s in status.stages]},
-                         indent=2))
+                          "report": report, "report_state": status.report,
+                          "report_reason": status.report_reason,
+                          "stages": [s.__dict__ for s in status.stages]}, indent=2))
     else:
         for s in status.stages:
             units = f"{s.done_units}/{s.total_units} units"
             print(f"{s.name:<12} {s.state:<8} {units:<14} {s.reason}")
-        where = (f"report {report}/" if report else
-                 f"no report of this config yet (it would be {plan.run_dir}/)")
+        if status.report == "current":
+            where = f"report {report}/"
+        elif all(s.state == "done" for s in status.stages):
+            # Every stage done but no report of them: `fadrm run` writes only the report.
+            where = f"report {status.report}: {status.report_reason}; `fadrm run` writes it"
+        else:
+            where = (f"report {report}/ (of other stage keys)" if report else
+                     f"no report of this config yet (it would be {plan.run_dir}/)")
         print(("up to date" if status.up_to_date else "work to do") + f"; {where}")
     return EXIT_OK if status.up_to_date else EXIT_WORK_TO_DO
 
@@ -135,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("status", help="show each stage as done/partial/stale; "
                                    "exit 1 when anything is left to do"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--verify", action="store_true",
+                   help="read every byte of every finished output and check its sha256 "
+                        "(else sizes only); damaged outputs make the exit code 1")
     p.set_defaults(func=cmd_status)
 
     methods = ", ".join(list_methods())

@@ -85,8 +85,15 @@ class StageStatus:
 class RunStatus:
     stages: list[StageStatus]
     fingerprints: dict[str, str] = field(default_factory=dict)
+    report: str = "missing"
+    """This config's report: 'current' (its manifest names the current stage keys),
+    'missing' (never written, or a run died before its manifest, written last) or
+    'outdated' (written for other stage keys)."""
+    report_reason: str = ""
 
     @property
     def up_to_date(self) -> bool:
-        return all(s.state == "done" for s in self.stages)
+        # Every stage done is not enough: a run that died after evaluate but before its
+        # report was written must still be finished (by a run that writes only the report).
+        return self.report == "current" and all(s.state == "done" for s in self.stages)
 

@@ -219,12 +219,31 @@ class RunPlan:
         return _read_manifest(self.latest_dir) or _read_manifest(
             storage.join(self.cfg.output, "runs", self.cfg.name))
 
-    def status(self) -> RunStatus:
+    def report_state(self, manifest: dict | None) -> tuple[str, str]:
+        """Whether ``manifest`` (this config's, or None) is a report of the current stage
+        keys: ('current' | 'missing' | 'outdated', why)."""
+        if manifest is None:
+            return "missing", (f"no report of this config at {self.run_dir}/ (never written, "
+                               f"or the run stopped before it was)")
+        old = {k: (v or {}).get("key") for k, v in (manifest.get("stages") or {}).items()}
+        new = {s.label: s.key.key for s in self.stages}
+        if old != new:
+            which = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            return "outdated", (f"the report at {self.run_dir}/ is of other stage keys "
+                                f"({', '.join(which)})")
+        return "current", ""
+
+    def status(self, verify: bool = False) -> RunStatus:
         """Each stage for *this* config: done, partial, missing, damaged, or stale (its
         inputs differ from those of this config's last report, or when this config has none
         yet, of the newest report of the run name: the reason says which, and each change
-        as ``key NEW here, OLD there``)."""
-        against = self.previous_manifest()
+        as ``key NEW here, OLD there``); and whether this config's report is current.
+
+        ``verify``: read every byte of every complete output and check its sha256 (else
+        only sizes are compared with the sidecars: a same-size corruption passes)."""
+        own = self.previous_manifest()
+        report, report_reason = self.report_state(own)
+        against = own
         basis = "this config's last run"
         if against is None:
             against = self.latest_manifest()
@@ -238,11 +257,13 @@ class RunPlan:
             done = len(complete)
             label = stage.label
             prev = previous.get(label)
-            # Cheap (sizes against sidecars, no re-hashing): what `run` would repair first.
+            # Cheap by default (sizes against sidecars, no re-hashing): what `run` would
+            # repair first; with ``verify`` every byte is read and hashed.
             damaged = [(stage.unit_uri(u), problem) for u in complete
-                       if (problem := shards.check(stage.unit_uri(u), full=False))]
+                       if (problem := shards.check(stage.unit_uri(u), full=verify))]
             if damaged:
                 uri, problem = damaged[0]
+                done -= len(damaged)
                 state, reason = "damaged", (f"{len(damaged)} damaged output(s), e.g. {uri}: "
                                             f"{problem}; `fadrm run` regenerates them")
             elif done == len(units):
@@ -258,7 +279,7 @@ class RunPlan:
             else:
                 state, reason = "missing", "never run"
             out.append(StageStatus(label, stage.key.key, state, done, len(units), reason))
-        return RunStatus(out, self.fingerprints())
+        return RunStatus(out, self.fingerprints(), report, report_reason)
 
 
 def config_fingerprint(cfg: RunConfig) -> str:

@@ -117,14 +117,16 @@ class StageClock:
 
     def __init__(self, timings: dict[str, float | None], show_progress: bool = True):
         self.timings, self.show_progress = timings, show_progress
-        self._start: dict[str, float] = {}
+        self._start: dict[str, float] = {}  # stages begun and not ended
         self._pending: dict[str, int] = {}
+        self._stages: dict[str, Any] = {}
 
     def begin(self, stage, pending: list[str]) -> StageProgress:
         label = stage.label
         log.info("%s: %d of %d units to do (key %s)", label, len(pending), len(stage.units()),
                  stage.key.key)
         self._start[label], self._pending[label] = time.perf_counter(), len(pending)
+        self._stages[label] = stage
         return StageProgress(label, len(pending), enabled=self.show_progress)
 
     def end(self, stage) -> None:
@@ -133,12 +135,27 @@ class StageClock:
         if missing:
             raise RuntimeError(f"{label}: {len(missing)} units still missing after the stage "
                                f"ran: {missing[:5]}")
-        seconds = round(time.perf_counter() - self._start[label], 2)
+        seconds = round(time.perf_counter() - self._start.pop(label), 2)
         count = self._pending[label]
         stage.record_seconds(seconds, count)
-        self.timings[label] = seconds
+        # The whole stage: earlier partial runs (and repairs) of this output add up.
+        self.timings[label] = stage.recorded_seconds() or seconds
         log.info("%s: %d units in %.1f s (%.2f units/s)", label, count, seconds,
                  count / max(seconds, 1e-9))
+
+    def interrupted(self) -> None:
+        """The run stops (Ctrl-C, SIGTERM, a failure): keep the seconds spent on the stages
+        begun and not ended beside their outputs, so the run that resumes them reports the
+        whole stage's time, not only its own part."""
+        for stage_label, start in list(self._start.items()):
+            stage = self._stages.get(stage_label)
+            if stage is None:
+                continue
+            try:
+                stage.record_seconds(round(time.perf_counter() - start, 2), 0)
+            except Exception as exc:  # noqa: BLE001 - the run's own error matters more
+                log.debug("%s: could not record its partial time: %s", stage_label, exc)
+        self._start.clear()
 
 
 def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> dict:
@@ -161,34 +178,72 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
     if any(todo.values()):
         plan.source.write_index(cfg.output)  # workers read it instead of listing again
     if not damaged and not any(todo.values()):
-        previous = plan.previous_manifest()
-        keys = {s.label: s.key.key for s in plan.stages}
-        if previous and {k: v["key"] for k, v in previous["stages"].items()} == keys:
+        if plan.report_state(plan.previous_manifest())[0] == "current":
             log.info("%s: up to date, nothing to do (report: %s)", cfg.name, plan.run_dir)
             point_latest(plan)
             return shards.read_json(storage.join(plan.run_dir, "metrics.json"))
     timings: dict[str, float | None] = {}
+    ran: set[str] = set()
+    clock = StageClock(timings, show_progress)
+    for attempt in range(MAX_REPAIR_ROUNDS + 1):
+        if attempt:
+            todo = {s.label: s.pending() for s in plan.stages}
+        work = [(s, todo[s.label]) for s in plan.stages if todo[s.label]]
+        ran.update(s.label for s, _ in work)
+        try:
+            _run_work(executor, work, clock)
+            break
+        except shards.ShardCorruptError as exc:
+            # A complete output found damaged when a later stage read it (a same-size
+            # corruption that sizes alone do not show): discard it and compute what is
+            # pending again -- its unit, then the stages that were reading it.
+            if attempt == MAX_REPAIR_ROUNDS or not _is_output(plan, exc.uri):
+                raise
+            log.warning("%s; regenerating it in this run", exc)
+            clock.interrupted()  # the part of the stage that ran counts
+            shards.discard(exc.uri)
+            damaged.append({"stage": _stage_of(plan, exc.uri), "uri": exc.uri,
+                            "problem": str(exc)})
+        except BaseException:
+            clock.interrupted()  # a resumed stage reports its whole time
+            raise
     cached: list[str] = []
-    work = []
     for stage in plan.stages:
-        if todo[stage.label]:
-            work.append((stage, todo[stage.label]))
-        else:
+        if stage.label not in ran:
             # Reused: reported as cached, with the time it took when it was computed.
             timings[stage.label] = stage.recorded_seconds()
             cached.append(stage.label)
             log.info("%s: up to date (%s), cached", stage.label, stage.key.key)
-    clock = StageClock(timings, show_progress)
+    timings = {s.label: timings.get(s.label) for s in plan.stages}  # the plan's order
+    return write_report(plan, timings, damaged, cached)
+
+
+MAX_REPAIR_ROUNDS = 3
+"""Damaged outputs met while running that one run regenerates (more: storage is failing)."""
+
+
+def _run_work(executor: Any, work: list, clock: StageClock) -> None:
     run_stages = getattr(executor, "run_stages", None)
     if run_stages is not None:
         run_stages(work, clock)  # e.g. one Ray Train worker group for all of them
-    else:
-        for stage, pending in work:
-            progress = clock.begin(stage, pending)
-            try:
-                executor.run_stage(stage, pending, progress)
-            finally:
-                progress.close()
-            clock.end(stage)
-    timings = {s.label: timings[s.label] for s in plan.stages}  # the plan's order
-    return write_report(plan, timings, damaged, cached)
+        return
+    for stage, pending in work:
+        progress = clock.begin(stage, pending)
+        try:
+            executor.run_stage(stage, pending, progress)
+        finally:
+            progress.close()
+        clock.end(stage)
+
+
+def _stage_of(plan: RunPlan, uri: str | None) -> str | None:
+    """The label of the stage whose unit output ``uri`` is (None: not a stage's output,
+    e.g. a teacher's given weights, which a run must never delete)."""
+    for stage in plan.stages:
+        if any(stage.unit_uri(u) == uri for u in stage.units()):
+            return stage.label
+    return None
+
+
+def _is_output(plan: RunPlan, uri: str | None) -> bool:
+    return uri is not None and _stage_of(plan, uri) is not None

@@ -37,7 +37,17 @@ __all__ = [
 
 
 class ShardCorruptError(IOError):
-    """A shard's bytes do not match its recorded checksum (or it cannot be parsed)."""
+    """A shard's bytes do not match its recorded checksum (or it cannot be parsed).
+
+    ``uri`` is the damaged output, so a run that meets it can regenerate that unit (it
+    survives pickling: a Ray worker's error reaches the driver with it)."""
+
+    def __init__(self, message: str, uri: str | None = None):
+        super().__init__(message)
+        self.uri = uri
+
+    def __reduce__(self):
+        return type(self), (str(self), self.uri)
 
 
 def _sidecar(uri: str) -> str:
@@ -73,7 +83,7 @@ def read_artifact(uri: str) -> bytes:
     data = storage.read_bytes(uri)
     info = shard_info(uri)
     if info is None:
-        raise ShardCorruptError(f"{uri}: no checksum sidecar (incomplete write)")
+        raise ShardCorruptError(f"{uri}: no checksum sidecar (incomplete write)", uri)
     digest = storage.sha256_bytes(data)
     if digest != info["sha256"]:
         # Never used, and not left for the next reader: discarded, so the unit becomes
@@ -81,8 +91,7 @@ def read_artifact(uri: str) -> bytes:
         discard(uri)
         raise ShardCorruptError(
             f"{uri}: sha256 {digest[:12]}... does not match recorded {info['sha256'][:12]}... "
-            f"(damaged; discarded: run again to regenerate it)"
-        )
+            f"(damaged; discarded: run again to regenerate it)", uri)
     return data
 
 
@@ -150,7 +159,7 @@ def read_table(uri: str, verify: bool = True) -> pa.Table:
     try:
         return ipc.open_file(pa.py_buffer(data)).read_all()
     except pa.ArrowInvalid as exc:
-        raise ShardCorruptError(f"{uri}: not a readable Arrow file: {exc}") from exc
+        raise ShardCorruptError(f"{uri}: not a readable Arrow file: {exc}", uri) from exc
 
 
 def write_json(uri: str, obj: dict) -> None:

@@ -163,8 +163,8 @@ def load_teacher(plan: StagePlan, index: int, device: torch.device) -> torch.nn.
         expected = plan.teacher_sha256(index)
         if expected is not None and digest != expected:
             raise shards.ShardCorruptError(
-                f"{uri}: sha256 {digest[:12]}... does not match recorded {expected[:12]}..."
-            )
+                f"{uri}: sha256 {digest[:12]}... does not match recorded {expected[:12]}...",
+                uri)  # repaired by the runner only when it is a stage's output (squeeze)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

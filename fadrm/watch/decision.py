@@ -192,6 +192,10 @@ def stale_summary(status: Any) -> str:
         if stage.state != "done":
             why = f" ({stage.reason})" if getattr(stage, "reason", "") else ""
             parts.append(f"{stage.name}: {stage.state}{why}")
+    report = getattr(status, "report", "current")
+    if report != "current":
+        why = getattr(status, "report_reason", "")
+        parts.append(f"report: {report}" + (f" ({why})" if why else ""))
     return "; ".join(parts)
 
 
