@@ -19,7 +19,23 @@
 # The Ray version (k8s/image/runtime.txt) = pyproject.toml's pin = `rayVersion` in k8s/
 # (tests/test_k8s.py checks all three).
 
-FROM python:3.11.7-slim-bookworm AS base
+# Build arguments; their defaults are what every user builds. Override them only to build
+# from a mirror (a registry copy of the same base, a package index proxy):
+#   BASE_IMAGE       the Python runtime image (Debian bookworm, Python 3.11, python and pip
+#                    in /usr/local/bin, no EXTERNALLY-MANAGED marker)
+#   PIP_INDEX_URL    the package index of every pip install (pip's own default: PyPI)
+#   TORCH_CPU_INDEX  the index of the watch image's CPU-only torch wheels
+#   TORCH_CPU        those wheels, pinned (= the ray image's torch/torchvision, CPU builds)
+# Never put credentials in a build argument: argument values are recorded in the image
+# history. An index that needs credentials gets them from a pip configuration mounted at
+# build time (`podman build -v`, a BuildKit secret), as benchmarks/image_check.py does
+# with the host's pip configuration.
+ARG BASE_IMAGE=python:3.11.7-slim-bookworm
+ARG PIP_INDEX_URL=https://pypi.org/simple
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_CPU="torch==2.14.1+cpu torchvision==0.29.1+cpu"
+
+FROM ${BASE_IMAGE} AS base
 
 # No pip cache in the layers; unbuffered logs so `kubectl logs` / Ray job logs stream.
 ENV PIP_NO_CACHE_DIR=1 \
@@ -37,11 +53,15 @@ WORKDIR /src
 
 # --------------------------------------------------------------------------- watch
 FROM base AS watch
+ARG PIP_INDEX_URL
+ARG TORCH_CPU_INDEX
+ARG TORCH_CPU
 
 # CPU-only torch + torchvision (no CUDA, ~6x smaller than the CUDA build), same versions as
-# the `ray` image.
-RUN pip install --no-cache-dir --no-deps --index-url https://download.pytorch.org/whl/cpu \
-    torch==2.14.1+cpu torchvision==0.29.1+cpu
+# the `ray` image (TORCH_CPU, from TORCH_CPU_INDEX: download.pytorch.org/whl/cpu).
+# The pins are in TORCH_CPU (word-split on purpose), which hadolint cannot see.
+# hadolint ignore=SC2086,DL3013
+RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_CPU_INDEX}" ${TORCH_CPU}
 
 # What `fadrm watch` imports: config, lineage, preflight, storage, the Kubernetes client.
 COPY k8s/image/watch.txt /tmp/req/
@@ -69,6 +89,7 @@ CMD ["watch", "--help"]
 # Last, so that a plain `docker build .` builds the main (Ray) image.
 # --------------------------------------------------------------------------- ray
 FROM base AS ray
+ARG PIP_INDEX_URL
 
 # Layer 1, the largest and the least often changed: torch + torchvision (PyPI's default
 # wheels are the CUDA 13.0 builds) with their pinned CUDA runtime packages.

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test test-fast gpu-check clean
+.PHONY: setup data demo test test-fast gpu-check image image-check container-cluster clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,23 @@ test-fast: setup
 # no venv, no install, no Ray (a stock CUDA PyTorch image); see README "Checking a GPU node".
 gpu-check:
 	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m benchmarks.gpu_check --out gpu-check-out
+
+# The images (Dockerfile targets `ray` and `watch`) with docker, or podman when no docker
+# daemon answers; tags fadrm:VERSION and fadrm-watch:VERSION, the Dockerfile's defaults
+# (IMAGE_ARGS="--build-arg KEY=VALUE ..." to build from a mirror). Standard library only.
+image:
+	$(PY) -m benchmarks.image_check build $(IMAGE_ARGS)
+
+# Builds a stand-in base (debootstrap; root), both targets, and checks them from the inside
+# (benchmarks/image_check.py); results in benchmarks/results/image_check.json. About 20 min
+# from nothing on 2 cores, ~3 min with cached layers; not part of `make test` (see k8s/README.md).
+image-check:
+	$(PY) -m benchmarks.image_check check $(IMAGE_CHECK_ARGS)
+
+# A head and two workers from the `ray` image, run as KubeRay runs the `gpu` overlay's pods;
+# one worker killed mid-stage; results in benchmarks/results/container_cluster.json.
+container-cluster: setup
+	$(BIN)/python -m benchmarks.container_cluster
 
 clean:
 	rm -rf runs/demo .pytest_cache

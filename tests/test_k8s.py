@@ -559,9 +559,24 @@ def test_dockerfile_passes_hadolint():
     assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr
 
 
+def dockerfile_args() -> dict[str, str]:
+    """The build arguments declared before the first FROM, with their defaults."""
+    args = {}
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            break
+        if line.startswith("ARG "):
+            name, _, default = line[4:].strip().partition("=")
+            args[name] = default.strip('"')
+    return args
+
+
 def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
-    """Instructions per build stage (name from `FROM ... AS name`)."""
+    """Instructions per build stage (name from `FROM ... AS name`), with the build
+    arguments' defaults substituted: what a plain `docker build` does."""
     text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    defaults = dockerfile_args()
+    text = re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), m.group(0)), text)
     stages: dict[str, list[tuple[str, str]]] = {}
     current = None
     for line in text.splitlines():
@@ -601,6 +616,12 @@ def test_images_are_lean_and_pinned():
         assert "pip install" in runs and "--no-deps" in runs and "pip check" in runs, name
         users = [arg for op, arg in instr if op == "USER"]
         assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
+    # The build arguments' defaults are what users build: the slim base, PyPI, the CPU
+    # wheels from download.pytorch.org (benchmarks/image_check.py overrides them only here).
+    defaults = dockerfile_args()
+    assert defaults["BASE_IMAGE"] == "python:3.11.7-slim-bookworm"
+    assert defaults["PIP_INDEX_URL"] == "https://pypi.org/simple"
+    assert defaults["TORCH_CPU_INDEX"] == "https://download.pytorch.org/whl/cpu"
     # The last stage is the main image (a plain `docker build .`).
     assert list(stages)[-1] == "ray"
     # The watch image has no Ray and no CUDA.
