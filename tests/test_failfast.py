@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent('''
 
     def run(cfg, stage_cls=SelectStage):
         plan = RunPlan(cfg)
-        stage = stage_cls(plan, plan.select.key)
+        stage = stage_cls(plan, plan.select.key, plan.select.method, plan.select.section)
         start = time.monotonic()
         try:
             RayTrainExecutor(cfg).run_stage(stage, stage.units(), StageProgress("x", 1, False))
