@@ -35,6 +35,7 @@ __all__ = [
     "filesystem",
     "read_bytes",
     "write_bytes_atomic",
+    "create_exclusive",
     "exists",
     "listdir",
     "delete",
@@ -200,6 +201,59 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     # One PUT: S3 publishes the object only once the upload has completed.
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create ``uri`` holding ``data`` only if no file of that name exists: True when this
+    call created it, False when it was there (another writer's). Atomic: of two callers
+    exactly one gets True, and a reader never sees the file without its data.
+
+    Local: the data goes to a temporary sibling that is then hard-linked to ``uri`` (a
+    link fails when the name exists). S3: one PUT with ``If-None-Match: *`` (boto3; AWS,
+    MinIO and moto honour it); a store that ignores or refuses it raises an error that
+    says so, rather than letting two writers both win.
+    """
+    local = local_path(uri)
+    if local is None:
+        return _s3_create_exclusive(uri, data)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.parent / f".{local.name}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, local)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _s3_create_exclusive(uri: str, data: bytes) -> bool:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    if not uri.startswith("s3://"):
+        raise OSError(f"{uri}: exclusive create is supported on local paths and s3:// only")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    store = current()
+    endpoint = (store.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=store.region)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        if code in ("NotImplemented", "InvalidArgument"):
+            raise OSError(f"{uri}: this S3 store does not support conditional writes "
+                          f"(If-None-Match), which unit leases need: {code}") from exc
+        raise
+    return True
 
 
 def exists(uri: str) -> bool:
