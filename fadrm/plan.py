@@ -74,11 +74,13 @@ class RunPlan:
 
                 self._teacher_fp.append(pretrained_fingerprint(t.model))
             else:
-                key = StageKey("squeeze", {
+                comp = {
                     "teacher": {"model": t.model, "small_stem": t.small_stem},
                     "squeeze": dataclasses.asdict(cfg.squeeze), "data": self._data,
                     "seed": cfg.seed, "index": i, "version": __version__,
-                })
+                }
+                comp.update(self._ranks())
+                key = StageKey("squeeze", comp)
                 self.squeeze[i] = SqueezeStage(self, key, i, cfg.squeeze)
                 self._teacher_fp.append(f"squeeze:{key.key}")
 
@@ -103,7 +105,7 @@ class RunPlan:
                 "init": self.select.key.key if self.select else "noise",
                 "teachers": [self._teacher_fp[i] for i in cfg.recover_teachers],
                 "ipc": cfg.ipc, "seed": cfg.seed, "data": self._data,
-                "block_size": self.block_size, "version": __version__,
+                "block_size": self.block_size, "version": __version__, **self._threads(),
             }), method, cfg.recover)
         self.images_stage: Stage = self.recover or self.select  # type: ignore[assignment]
 
@@ -112,7 +114,7 @@ class RunPlan:
             "images": self.images_stage.key.key,
             "teachers": [[self._teacher_fp[i], cfg.teachers[i].ensemble_weight]
                          for i in cfg.relabel_teachers],
-            "seed": cfg.seed, "data": self._data, "version": __version__,
+            "seed": cfg.seed, "data": self._data, "version": __version__, **self._threads(),
         }), cfg.relabel)
         evaluate = {
             "student": dataclasses.asdict(cfg.student),
@@ -122,7 +124,24 @@ class RunPlan:
         }
         if d.val_crop_ratio is not None:  # only when set: older configs keep their keys
             evaluate["val_crop_ratio"] = d.val_crop_ratio
+        evaluate.update(self._ranks())
         self.evaluate = EvaluateStage(self, StageKey("evaluate", evaluate), cfg.student)
+
+    def _ranks(self) -> dict:
+        """What the training stages' (squeeze, evaluate) bytes depend on beyond their
+        config: the number of DDP ranks (each rank's BatchNorm batch, the all-reduce). One
+        rank (the default, and all the local executor does) adds nothing, so those keys
+        are the ones of a single-process run."""
+        n = self.cfg.execution.train_workers
+        return {"train_workers": n, **self._threads()} if n > 1 else self._threads()
+
+    def _threads(self) -> dict:
+        """The torch intra-op threads a unit computes with (both executors pin them to
+        ``execution.threads_per_worker``): CPU reductions split by thread, so squeeze,
+        recover, relabel and evaluate bytes differ between 1 and 2 threads (measured;
+        select's did not). One thread, the default, adds nothing to the keys."""
+        n = self.cfg.execution.threads_per_worker
+        return {"threads": n} if n != 1 else {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

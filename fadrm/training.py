@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Trainer", "all_reduce_sum", "param_groups", "world", "wrap_ddp"]
+__all__ = ["Trainer", "all_reduce_sum", "param_groups", "world", "wrap_ddp", "alone"]
 
 
 @dataclass
@@ -57,8 +59,27 @@ def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return reduced.cpu()
 
 
+_alone = threading.local()
+
+
+@contextlib.contextmanager
+def alone():
+    """Within: this thread trains as the only rank, (0, 1), even inside a larger
+    torch.distributed group (a stage configured to train on one rank, run by rank 0 of a
+    Ray Train worker group: its bytes are then those of a single-process run)."""
+    before = getattr(_alone, "on", False)
+    _alone.on = True
+    try:
+        yield
+    finally:
+        _alone.on = before
+
+
 def world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    """(rank, world size) of the torch.distributed group, (0, 1) without one (or
+    :func:`alone`)."""
+    if getattr(_alone, "on", False):
+        return 0, 1
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

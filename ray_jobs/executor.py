@@ -38,6 +38,7 @@ from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from fadrm import leases
 from fadrm.errors import InputError
 from fadrm.progress import StageProgress
 from fadrm.stages import Stage, WorkerContext
@@ -62,6 +63,7 @@ class UnitQueue:
         import asyncio
 
         self.pending = deque(units)
+        self.not_before: dict[str, float] = {}  # pending unit -> when to hand it out again
         self.in_flight: dict[str, str] = {}  # unit -> generation that took it
         self.inner: dict[str, float] = {}  # unit -> fraction done
         self.done: set[str] = set()
@@ -80,11 +82,29 @@ class UnitQueue:
         self.generation = generation
 
     async def next(self, generation: str) -> str | None:
-        if generation != self.generation or not self.pending or self.failure is not None:
-            return None
-        unit = self.pending.popleft()
-        self.in_flight[unit] = generation
-        return unit
+        """The next unit to compute; None when there is none left. A unit that another run
+        holds (leased, :meth:`defer`) is handed out again only once its wait is over."""
+        import asyncio
+
+        while True:
+            if generation != self.generation or not self.pending or self.failure is not None:
+                return None
+            now = time.monotonic()
+            for unit in self.pending:
+                if self.not_before.get(unit, 0.0) <= now:
+                    self.pending.remove(unit)
+                    self.not_before.pop(unit, None)
+                    self.in_flight[unit] = generation
+                    return unit
+            await asyncio.sleep(min(self.not_before[u] for u in self.pending) - now)
+
+    async def defer(self, unit: str, seconds: float) -> None:
+        """``unit`` is leased by another run on the same output: back to the queue, to be
+        looked at again after ``seconds`` (done by then, or its lease expired)."""
+        if self.in_flight.pop(unit, None) is not None:
+            self.inner.pop(unit, None)
+            self.pending.append(unit)
+            self.not_before[unit] = time.monotonic() + seconds
 
     async def report(self, unit: str, fraction: float) -> None:
         if unit in self.in_flight:
@@ -147,20 +167,33 @@ def _worker_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     generation = ray.train.collective.broadcast_from_rank_zero(uuid.uuid4().hex)
     ctx = WorkerContext(rank=rank, world_size=world, device=ray.train.torch.get_device())
+    holder = leases.new_holder()  # this worker process's claims on units
     for stage, queue, total in parts:
         ray.get(queue.enter.remote(generation))
         run = _collective_part if stage.collective else _unit_part
-        run(stage, queue, generation, ctx)
+        run(stage, queue, generation, ctx, holder)
         # Every unit finished (by any worker), or a bad input recorded: then all stop.
         ray.get(queue.wait_done.remote(total))
         if ray.get(queue.state.remote()).failure is not None:
             return
 
 
-def _collective_part(stage: Stage, queue, generation: str, ctx: WorkerContext) -> None:
-    """A stage that all ranks run together (DDP): its units one after the other."""
+def _collective_part(stage: Stage, queue, generation: str, ctx: WorkerContext,
+                     holder: str) -> None:
+    """A stage that trains (squeeze, evaluate): its units one after the other, on
+    ``execution.train_workers`` ranks (their bytes and keys depend on that number): one,
+    rank 0 alone (the others wait for the stage's end, as for any stage), or all ranks of
+    the group, which then has exactly that many workers (see ``_group_size``), as DDP."""
     import ray.train.collective
 
+    wanted = stage.cfg.execution.train_workers
+    if wanted == 1:
+        if ctx.rank == 0:
+            _train_alone(stage, queue, generation, ctx, holder)
+        return
+    if ctx.world_size != wanted:  # the group is sized to it: never train on another count
+        raise RuntimeError(f"{stage.label}: {ctx.world_size} workers, but "
+                           f"execution.train_workers is {wanted}")
     # Every rank sets up, then all learn together whether one met a bad input (a rank
     # that returned early would leave the others waiting in a collective forever).
     try:
@@ -173,27 +206,85 @@ def _collective_part(stage: Stage, queue, generation: str, ctx: WorkerContext) -
     # What is left (all ranks agree: rank 0's view); a restarted group skips done units.
     units = ray.train.collective.broadcast_from_rank_zero(ray.get(queue.todo.remote()))
     for unit in units:
+        lease = None
         if ctx.rank == 0:
             ctx.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
             ray.get(queue.next.remote(generation))
-        stage.run_unit(state, unit, ctx)
-        ray.train.collective.barrier()
+            # Another run on the same output may hold this unit: then wait for its output.
+            lease = leases.claim_when_free(stage.dir, unit, holder,
+                                           lambda u=unit: stage.is_done(u))
+        try:
+            if ray.train.collective.broadcast_from_rank_zero(lease is not None):
+                stage.run_unit(state, unit, ctx)
+            ray.train.collective.barrier()
+        finally:
+            if lease is not None:
+                lease.release()
         if ctx.rank == 0:
             ray.get(queue.finish.remote(unit))
 
 
-def _unit_part(stage: Stage, queue, generation: str, ctx: WorkerContext) -> None:
-    """A stage of independent units: take the next one until the queue is empty."""
+def _train_alone(stage: Stage, queue, generation: str, ctx: WorkerContext,
+                 holder: str) -> None:
+    """A training stage on one rank: as in a single process (no DDP, whole data sets)."""
+    from fadrm.training import alone
+
+    solo = WorkerContext(rank=0, world_size=1, device=ctx.device)
+    with alone():
+        try:
+            state = stage.setup(solo)
+        except InputError as exc:
+            ray.get(queue.fail.remote(str(exc)))
+            return
+        for unit in ray.get(queue.todo.remote()):
+            solo.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
+            ray.get(queue.next.remote(generation))
+            lease = leases.claim_when_free(stage.dir, unit, holder,
+                                           lambda u=unit: stage.is_done(u))
+            if lease is not None:
+                try:
+                    stage.run_unit(state, unit, solo)
+                finally:
+                    lease.release()
+            ray.get(queue.finish.remote(unit))
+
+
+def _unit_part(stage: Stage, queue, generation: str, ctx: WorkerContext,
+               holder: str) -> None:
+    """A stage of independent units: take the next one until the queue is empty. Each is
+    computed under a lease (:mod:`fadrm.leases`); one that another run on the same output
+    is computing goes back to the queue for a while (done by then, or taken over)."""
     state = None
+
+    def compute(unit: str) -> None:
+        nonlocal state
+        if state is None:  # load data/teachers only once there is work for this worker
+            state = stage.setup(ctx)
+        ctx.report = lambda d, t: queue.report.remote(unit, d / max(t, 1))
+        stage.run_unit(state, unit, ctx)
+
     try:
         while (unit := ray.get(queue.next.remote(generation))) is not None:
-            if state is None:  # load data/teachers only once there is work for this worker
-                state = stage.setup(ctx)
-            ctx.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
-            stage.run_unit(state, unit, ctx)
-            ray.get(queue.finish.remote(unit))
+            outcome = leases.attempt(stage.dir, unit, holder, lambda u=unit: stage.is_done(u),
+                                     lambda u=unit: compute(u))
+            if outcome is leases.Outcome.HELD:
+                ray.get(queue.defer.remote(unit, leases.POLL_S))
+            else:
+                ray.get(queue.finish.remote(unit))
     except InputError as exc:
         ray.get(queue.fail.remote(str(exc)))
+
+
+def _group_size(exe, work: list[tuple[Stage, list[str]]]) -> int | tuple[int, int]:
+    """Workers of a group: exactly ``execution.train_workers`` when it trains on several
+    ranks (a training stage's bytes depend on their number, which its key holds), else the
+    elastic range, capped by the units (more workers than units would only idle)."""
+    if exe.train_workers > 1 and any(stage.collective for stage, _ in work):
+        return exe.train_workers
+    units = [len(pending) for stage, pending in work if not stage.collective]
+    hi = min(exe.max_workers, max(units, default=1))
+    lo = min(exe.min_workers, hi)
+    return hi if lo == hi else (lo, hi)
 
 
 class StageFailed(RuntimeError):
@@ -330,13 +421,7 @@ class RayTrainExecutor:
             queues.append(UnitQueue.options(scheduling_strategy=here).remote(pending))
             if self.on_queue is not None:
                 self.on_queue(stage, queues[-1])
-        # More workers than units would only idle; collective stages use the full range.
-        if any(stage.collective for stage, _ in work):
-            hi = self.exe.max_workers
-        else:
-            hi = min(self.exe.max_workers, max(len(pending) for _, pending in work))
-        lo = min(self.exe.min_workers, hi)
-        num_workers = hi if lo == hi else (lo, hi)
+        num_workers = _group_size(self.exe, work)
         if self.exe.worker_start_timeout_s is not None:
             # Ray Train propagates this from the driver to its controller.
             os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(

@@ -31,6 +31,7 @@ def _foreign_lease(stage_dir, unit, generation=1, expires_in=600.0):
 class _Cfg:
     class execution:
         train_workers = 1
+        threads_per_worker = 1
 
 
 class FakeStage:

@@ -24,6 +24,12 @@ class ExecutionConfig:
     """None -> use GPUs when the cluster has them."""
     threads_per_worker: int = 1
     """torch intra-op threads (and CPUs reserved) per worker."""
+    train_workers: int = 1
+    """Ranks that train a teacher (squeeze) and the student (evaluate) together, as DDP.
+    Their bytes depend on it (each rank's BatchNorm batch, the gradient all-reduce), so it
+    is part of those stages' keys when above 1; a Ray Train worker group that runs these
+    stages has exactly this many workers (1: rank 0 trains alone, the others wait). The
+    local executor trains on one rank and refuses more."""
     max_failures: int = 3
     """Ray Train FailureConfig(max_failures=...)."""
     device: str = "auto"
@@ -54,6 +60,7 @@ class ExecutionConfig:
                 f"must be >= min_workers ({self.min_workers}), got {self.max_workers}",
             )
         _positive(self.threads_per_worker, f"{p}.threads_per_worker")
+        _positive(self.train_workers, f"{p}.train_workers")
         if self.max_failures < -1:
             raise ConfigError(f"{p}.max_failures", "must be >= -1 (-1 = retry forever)")
         if self.worker_start_timeout_s is not None:
