@@ -3,7 +3,11 @@
 Unit stages (select, recover, relabel): a ``UnitQueue`` actor holds the stage's pending
 units and every Ray Train worker pulls the next one until none are left, so a worker that
 joins or leaves changes speed, not results (a unit's bytes depend only on its id).
-Collective stages (teacher and student training) run once on all workers, as DDP.
+Collective stages (teacher and student training) run on ``execution.train_workers`` ranks:
+rank 0 alone (the default), or a group of exactly that many workers, as DDP (their bytes
+depend on the number, which their keys hold). Every unit is computed under a lease
+(:mod:`fadrm.leases`): one that another run on the same output holds is deferred in the
+queue, not computed twice.
 
 When Ray Train restarts a failed worker group, the new group announces a fresh
 *generation*; units that the old group had taken but not finished go back to the queue.

@@ -2,10 +2,13 @@
 ``run_unit`` pair, and the per-unit seed.
 
 Executors (in-process in :mod:`fadrm.executors`, Ray Train in ``ray_jobs``) only decide
-*where* units run; what a unit computes depends on (run seed, unit id) alone, so its bytes do
-not depend on the worker, the number of workers or retries. Stages whose ``collective`` flag
-is set (teacher and student training) run once on all workers together (DDP when there are
-several); the others are pulled unit by unit.
+*where* units run; what a unit computes depends on (run seed, unit id) and what its key
+holds, so its bytes do not depend on the worker, the executor, the number of workers or
+retries. Stages whose ``collective`` flag is set (teacher and student training) run on
+``execution.train_workers`` ranks (DDP when several; the number is in their keys then);
+the others are pulled unit by unit. Both executors compute with
+``execution.threads_per_worker`` intra-op threads (in the keys when not 1), and claim each
+unit with a lease (:mod:`fadrm.leases`) so two runs on one output compute it once.
 """
 
 from __future__ import annotations
