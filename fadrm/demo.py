@@ -37,8 +37,9 @@ def run_demo(output: str = "runs/demo", overrides: list[str] | None = None,
     method = method_cfg.recover.method
     if not any(o.split("=", 1)[0].strip() == "name" for o in overrides or []):
         method_cfg = load_config("demo", [*base, f"name=demo-{method}"])
+    # The baseline's own scores are not printed: it skips their hard-label run.
     baseline_cfg = load_config("demo", [*base, f"name=demo-{BASELINE}",
-                                        f"recover.method={BASELINE}"])
+                                        f"recover.method={BASELINE}", "evaluate.scores=false"])
     runs = [("baseline", baseline_cfg)]
     if method != BASELINE or method_cfg.name != baseline_cfg.name:
         runs.append(("method", method_cfg))
@@ -63,6 +64,12 @@ def run_demo(output: str = "runs/demo", overrides: list[str] | None = None,
         # One seed says little at this size: the README gives the spread over seeds.
         print(f"  {label + ' over random-real':<34} {margin:+6.2f} points (seed "
               f"{method_cfg.seed}; spread over seeds: README, \"What the demo runs\")")
+    scores = top.get("scores")
+    if scores:
+        print(f"  label-robust score (DD-Ranking, w = {scores['weight']}): LRS "
+              f"{scores['lrs']:.2f} %  (IOR {scores['ior']:+.2f}, HLR {scores['hlr']:.2f}: hard "
+              f"labels reach {scores['real_hard_top1']:.2f} % on the full data, "
+              f"{scores['syn_hard_top1']:.2f} % on these {top['num_images']} images)")
     print(f"  total time {elapsed / 60:.1f} min")
     print(f"  grid:    {report_dir(method_cfg)}/grid.png")
     print("  metrics: " + ", ".join(f"{report_dir(cfg)}/metrics.json" for _, cfg in runs))

@@ -302,8 +302,12 @@ class RunPlan:
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
-    """12 hex digits of the resolved config: each config's report has its own folder."""
-    return digest(config_to_dict(cfg), 12)
+    """12 hex digits of the resolved config: each config's report has its own folder.
+    The ``evaluate`` section counts only when it asks for scores (off, it changes nothing)."""
+    data = config_to_dict(cfg)
+    if not cfg.evaluate.scores:
+        data.pop("evaluate", None)
+    return digest(data, 12)
 
 
 def report_dir(cfg: RunConfig) -> str:

@@ -63,17 +63,20 @@ REPORT_FILES = ("grid.png", "config.yaml", "metrics.json", "manifest.json")  # m
 
 
 def write_report(plan, timings: dict[str, float | None], repaired: list[dict] | None = None,
-                 cached: list[str] | None = None) -> dict:
+                 cached: list[str] | None = None, scores: dict | None = None) -> dict:
     """Write the run's report under <output>/runs/<name>/<config fingerprint>/, point
     runs/<name>/latest at it, and return its metrics.
 
     ``timings``: each stage's seconds; for the stages in ``cached`` (outputs reused from an
     earlier run) the seconds they took when they were computed (None when unknown).
+    ``scores``: the label-robust scores (:func:`fadrm.runner.run_scores`), when asked for.
     """
     from fadrm.datasource import load_distilled
 
     ev = shards.read_json(plan.evaluate.unit_uri("student"))
     metrics = _metrics(plan, ev, timings, cached or [])
+    if scores is not None:
+        metrics["scores"] = scores
     manifest = _manifest(plan, ev, metrics, timings, repaired or [])
     # The grid shows at most GRID_CLASSES classes x GRID_PER_CLASS images: read just those.
     shown = list(range(min(plan.num_classes, GRID_CLASSES)))

@@ -25,6 +25,7 @@ from fadrm.formats import shards
 from fadrm.report import point_latest, write_report
 
 __all__ = ["EXECUTORS", "StageClock", "create_executor", "run_config", "run_pipeline",
+           "run_scores",
            "repair_outputs", "print_summary"]
 
 log = logging.getLogger("fadrm.pipeline")
@@ -81,6 +82,12 @@ def print_summary(cfg: RunConfig, metrics: dict, file=None) -> None:
           f"(best {metrics['student_top1_best']:.2f} % after epoch "
           f"{metrics['best_epoch'] + 1} of {epochs}; top-5 {metrics['student_top5']:.2f} %)",
           file=file)
+    scores = metrics.get("scores")
+    if scores:
+        print(f"  scores (DD-Ranking)  LRS {scores['lrs']:.2f} %, IOR {scores['ior']:+.2f}, "
+              f"HLR {scores['hlr']:.2f}   (random real {scores['random_real_top1']:.2f} %; "
+              f"hard labels: full data {scores['real_hard_top1']:.2f} %, distilled "
+              f"{scores['syn_hard_top1']:.2f} %)", file=file)
     print(f"  stage seconds        {stages}", file=file)  # cached: an earlier run's time
     print(f"  report               {report_dir(cfg)}/ (metrics.json, manifest.json, "
           f"grid.png; newest: {latest_dir(cfg)})", file=file)
@@ -215,7 +222,51 @@ def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> d
             cached.append(stage.label)
             log.info("%s: up to date (%s), cached", stage.label, stage.key.key)
     timings = {s.label: timings.get(s.label) for s in plan.stages}  # the plan's order
-    return write_report(plan, timings, damaged, cached)
+    scores = run_scores(plan, executor, show_progress) if cfg.evaluate.scores else None
+    return write_report(plan, timings, damaged, cached, scores)
+
+
+def run_scores(plan: RunPlan, executor: Any, show_progress: bool = True) -> dict:
+    """The label-robust scores of ``plan``'s finished run (:mod:`fadrm.scores`): runs what
+    they need that is not done yet (each cached by its own keys), then the formula."""
+    from fadrm.scores import label_robust_score, score_configs
+
+    cfg = plan.cfg
+    runs = score_configs(cfg)
+    syn = shards.read_json(plan.evaluate.unit_uri("student"))["student_top1"]
+    top1, reports = {"syn": syn}, {}
+    for role in ("random_real", "syn_hard"):
+        other = runs[role]
+        if other is None:  # this run plays the role itself
+            top1[role] = syn
+            continue
+        log.info("%s: scores need %s (%s)", cfg.name, other.name, role)
+        top1[role] = run_pipeline(other, executor, show_progress)["student_top1"]
+        reports[role] = report_dir(other)
+    top1["real_hard"] = _full_data_top1(runs["real_hard"], executor, show_progress)
+    w = cfg.evaluate.score_weight
+    return {
+        "definition": "DD-Ranking label-robust score (arXiv 2505.13300); see fadrm.scores",
+        "weight": w,
+        **{f"{role}_top1": value for role, value in top1.items()},
+        **label_robust_score(top1["real_hard"], top1["syn_hard"], syn, top1["random_real"], w),
+        "reports": reports,
+    }
+
+
+def _full_data_top1(cfg: RunConfig, executor: Any, show_progress: bool) -> float:
+    """Top-1 of ``cfg``'s first teacher trained by its squeeze stage (run only that stage)."""
+    inputs = check_inputs(cfg)
+    plan = RunPlan(cfg, inputs.source)
+    check_plan(plan, inputs)
+    stage = plan.squeeze_stage(0)
+    pending = stage.pending()
+    if pending:
+        log.info("%s: training %s on the full training set (hard labels)", cfg.name,
+                 cfg.teachers[0].model)
+        plan.source.write_index(cfg.output)
+        _run_work(executor, [(stage, pending)], StageClock({}, show_progress))
+    return shards.read_json(storage.join(stage.dir, "meta.json"))["val_top1"]
 
 
 MAX_REPAIR_ROUNDS = 3

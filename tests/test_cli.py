@@ -159,7 +159,11 @@ def test_demo_with_another_method_names_each_report(monkeypatch, tmp_path, capsy
                 "num_classes": 10, "teacher_top1": 89.0, "student_top1": 80.0 + len(ran),
                 "student_top1_best": 82.0, "student_top5": 99.0, "best_epoch": 2,
                 "epochs": cfg.relabel.epochs, "val_images": 10000,
-                "stage_seconds": {"select": 1.0}, "cached_stages": []}
+                "stage_seconds": {"select": 1.0}, "cached_stages": [],
+                **({"scores": {"weight": 0.5, "lrs": 21.5, "ior": 1.0, "hlr": 19.0,
+                               "real_hard_top1": 89.0, "syn_hard_top1": 70.0,
+                               "random_real_top1": 79.0}}
+                   if cfg.evaluate.scores else {})}
 
     monkeypatch.setattr(fadrm.runner, "run_config", fake_run)
     code = main(["demo", "--output", str(tmp_path), "--set", "recover.method=rded",
@@ -175,7 +179,12 @@ def test_demo_with_another_method_names_each_report(monkeypatch, tmp_path, capsy
     ran.clear()
     assert main(["demo", "--output", str(tmp_path), "--executor", "local"]) == 0
     assert [c.name for c in ran] == ["demo-random-real", "demo-fadrm"]
-    assert "FADRM + soft labels" in capsys.readouterr().out
+    # The method's run asks for the label-robust scores (the baseline needs none) and the
+    # demo prints them beside top-1.
+    assert [c.evaluate.scores for c in ran] == [False, True]
+    out = capsys.readouterr().out
+    assert "FADRM + soft labels" in out
+    assert "LRS 21.50 %  (IOR +1.00, HLR 19.00: hard labels reach 89.00 %" in out, out
 
 
 # --------------------------------------------------------------------------- 5: results kept

@@ -19,8 +19,8 @@ from fadrm.config.loader import apply_overrides, config_from_dict, config_to_dic
 from fadrm.config.presets import (add_config_argument, list_presets, preset_path,
                                   preset_purpose, resolve_config)
 from fadrm.config.run import ExecutionConfig, RunConfig, StorageConfig
-from fadrm.config.stages import (RecoverConfig, RelabelConfig, SelectConfig, SqueezeConfig,
-                                 StudentConfig)
+from fadrm.config.stages import (EvaluateConfig, RecoverConfig, RelabelConfig, SelectConfig,
+                                 SqueezeConfig, StudentConfig)
 
 # The names imported here but not in __all__ are the package's API as well (the
 # library's own modules import them from here).
@@ -28,6 +28,7 @@ from fadrm.config.stages import (RecoverConfig, RelabelConfig, SelectConfig, Squ
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "EvaluateConfig",
     "TeacherConfig",
     "SqueezeConfig",
     "SelectConfig",

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from fadrm.config.checks import ConfigError, _positive
 from fadrm.config.inputs import DataConfig, TeacherConfig
-from fadrm.config.stages import (RecoverConfig, RelabelConfig, SelectConfig, SqueezeConfig,
-                                 StudentConfig)
+from fadrm.config.stages import (EvaluateConfig, RecoverConfig, RelabelConfig, SelectConfig,
+                                 SqueezeConfig, StudentConfig)
 
 
 @dataclass(kw_only=True)
@@ -107,6 +107,7 @@ class RunConfig:
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -139,6 +140,7 @@ class RunConfig:
         self.recover.validate("recover")
         self.relabel.validate("relabel")
         self.student.validate("student")
+        self.evaluate.validate("evaluate")
         self.execution.validate("execution")
         self.storage.validate("storage")
 

@@ -217,3 +217,20 @@ class StudentConfig:
         if self.eval_every < 0:
             raise ConfigError(f"{p}.eval_every", "must be >= 0")
         _positive(self.eval_batch_size, f"{p}.eval_batch_size")
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """What the report measures beside the student's top-1."""
+
+    scores: bool = False
+    """DD-Ranking's label-robust scores (HLR, IOR, LRS; :mod:`fadrm.scores`). Runs, each
+    content-keyed and cached like any run: this config with hard labels, this config's data
+    as a random real subset (same soft-label protocol), and the student model trained on the
+    full training set with hard labels by the squeeze protocol (free when a squeezed teacher
+    is that model). On in the demo preset, where it adds about half a minute."""
+    score_weight: float = 0.5
+    """w in LRS: alpha = w * IOR - (1 - w) * HLR (DD-Ranking's leaderboard uses 0.5)."""
+
+    def validate(self, p: str) -> None:
+        _unit_interval(self.score_weight, f"{p}.score_weight")
