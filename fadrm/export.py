@@ -41,6 +41,7 @@ from fadrm.dataset import (EXPORT_MARKER, SOFT_LABELS, class_folders, image_path
                            read_marker)
 from fadrm.errors import InputError
 from fadrm.formats import shards
+from fadrm.report import find_random_real
 from fadrm.lineage import digest
 
 __all__ = ["FORMATS", "ExportResult", "export_run", "find_random_real"]
@@ -308,45 +309,6 @@ def _write_remote(dest: str, files: _Files, export_id: str) -> None:
 
 
 # --------------------------------------------------------------------------- the card
-
-
-def find_random_real(plan, metrics: dict) -> dict | None:
-    """The newest random-real report under the run's output with the same data, IPC,
-    teachers, relabel and student settings (the same soft-label protocol), as
-    ``{"name", "config_fingerprint", "student_top1", "margin"}``; None when there is none
-    (or the run is random-real itself)."""
-    cfg = plan.cfg
-    if cfg.recover.method == "random-real":
-        return None
-    import pyarrow.fs as pafs
-
-    fs, root = storage.filesystem(storage.join(cfg.output, "runs"))
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    ours = config_to_dict(cfg)
-    fps = plan.fingerprints()
-    best = None
-    for info in infos:
-        if info.base_name != "manifest.json" or info.type != pafs.FileType.File:
-            continue
-        try:
-            with fs.open_input_stream(info.path) as f:
-                other = json.loads(f.read())
-        except (OSError, ValueError):
-            continue
-        c = other.get("config") or {}
-        same = (c.get("recover", {}).get("method") == "random-real"
-                and c.get("ipc") == cfg.ipc
-                and other.get("fingerprints", {}).get("data") == fps["data"]
-                and other.get("fingerprints", {}).get("teachers") == fps["teachers"]
-                and c.get("relabel") == ours["relabel"] and c.get("student") == ours["student"]
-                and c.get("seed") == cfg.seed)
-        if same and (best is None or other.get("written", "") > best.get("written", "")):
-            best = other
-    if best is None:
-        return None
-    top1 = best["metrics"]["student_top1"]
-    return {"name": best["name"], "config_fingerprint": best["fingerprints"]["config"],
-            "student_top1": top1, "margin": metrics["student_top1"] - top1}
 
 
 def _card(plan, manifest: dict, metrics: dict, fmt: str, folders: list[str]) -> str:

@@ -116,8 +116,11 @@ class RunPlan:
                          for i in cfg.relabel_teachers],
             "seed": cfg.seed, "data": self._data, "version": __version__, **self._threads(),
         }), cfg.relabel)
+        student = dataclasses.asdict(cfg.student)
+        if student["seeds"] is None:  # today's one student: today's keys
+            del student["seeds"]
         evaluate = {
-            "student": dataclasses.asdict(cfg.student),
+            "student": student,
             "relabel": self.relabel.key.key,
             "teachers": self._teacher_fp,
             "data": self._data, "max_val": d.max_val, "seed": cfg.seed, "version": __version__,
@@ -303,10 +306,13 @@ class RunPlan:
 
 def config_fingerprint(cfg: RunConfig) -> str:
     """12 hex digits of the resolved config: each config's report has its own folder.
-    The ``evaluate`` section counts only when it asks for scores (off, it changes nothing)."""
+    The ``evaluate`` section counts only when it asks for scores (off, it changes nothing),
+    ``student.seeds`` only when set (configs written before it keep their folders)."""
     data = config_to_dict(cfg)
     if not cfg.evaluate.scores:
         data.pop("evaluate", None)
+    if cfg.student.seeds is None:  # fields added later count only when set
+        data["student"].pop("seeds", None)
     return digest(data, 12)
 
 

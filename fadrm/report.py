@@ -1,4 +1,4 @@
-"""The run report: manifest.json, metrics.json, config.yaml and grid.png.
+"""The run report: manifest.json, metrics.json, config.yaml, grid.png (and students.png).
 
 Each config has its own report, ``<output>/runs/<name>/<config fingerprint>/``, so the
 ``--set`` variants of a run keep their results side by side; ``runs/<name>/latest`` is the
@@ -59,7 +59,9 @@ def render_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
     return buf.getvalue()
 
 
-REPORT_FILES = ("grid.png", "config.yaml", "metrics.json", "manifest.json")  # manifest last
+REPORT_FILES = ("grid.png", "students.png", "config.yaml", "metrics.json",
+                "manifest.json")  # manifest last
+OPTIONAL_FILES = ("students.png",)  # only with an evaluation matrix
 
 
 def write_report(plan, timings: dict[str, float | None], repaired: list[dict] | None = None,
@@ -73,10 +75,13 @@ def write_report(plan, timings: dict[str, float | None], repaired: list[dict] | 
     """
     from fadrm.datasource import load_distilled
 
-    ev = shards.read_json(plan.evaluate.unit_uri("student"))
+    units = plan.evaluate.unit_metrics()
+    ev = next(iter(units.values()))  # the headline student (the matrix's first)
     metrics = _metrics(plan, ev, timings, cached or [])
     if scores is not None:
         metrics["scores"] = scores
+    if plan.cfg.student.is_matrix:
+        metrics["students"] = _students(plan, units, metrics)
     manifest = _manifest(plan, ev, metrics, timings, repaired or [])
     # The grid shows at most GRID_CLASSES classes x GRID_PER_CLASS images: read just those.
     shown = list(range(min(plan.num_classes, GRID_CLASSES)))
@@ -84,6 +89,12 @@ def write_report(plan, timings: dict[str, float | None], repaired: list[dict] | 
     grid = render_grid(images, labels, plan.classes, GRID_PER_CLASS, GRID_CLASSES)
     run_dir = plan.run_dir
     storage.write_bytes_atomic(storage.join(run_dir, "grid.png"), grid)
+    if "students" in metrics:
+        from fadrm.matrix import render_students
+
+        title = f"{plan.cfg.name}: {plan.cfg.recover.method} IPC{plan.cfg.ipc}, final top-1"
+        storage.write_bytes_atomic(storage.join(run_dir, "students.png"),
+                                   render_students(metrics["students"], title))
     storage.write_bytes_atomic(storage.join(run_dir, "config.yaml"),
                                yaml.safe_dump(config_to_dict(plan.cfg), sort_keys=False).encode())
     storage.write_bytes_atomic(storage.join(run_dir, "metrics.json"),
@@ -115,6 +126,8 @@ def point_latest(plan) -> None:
             tmp.unlink(missing_ok=True)
             log.debug("no symlink for %s (%s); copying the report", latest, exc)
     for name in REPORT_FILES:
+        if name in OPTIONAL_FILES and not storage.exists(storage.join(target, name)):
+            continue
         storage.write_bytes_atomic(storage.join(latest, name),
                                    storage.read_bytes(storage.join(target, name)))
 
@@ -137,6 +150,18 @@ def _metrics(plan, ev: dict, timings: dict[str, float | None], cached: list[str]
         "stage_seconds": timings,
         "cached_stages": list(cached),
     }
+
+
+def _students(plan, units: dict[str, dict], metrics: dict) -> dict:
+    """The evaluation matrix: per model, top-1 over seeds and the margin over a random-real
+    run of the same protocol and matrix, where one exists."""
+    from fadrm.matrix import add_margins, summarise
+
+    students = summarise(units)
+    random_real = find_random_real(plan, metrics) if plan.cfg.recover.method != "random-real" \
+        else {"students": students}
+    add_margins(students, (random_real or {}).get("students"))
+    return students
 
 
 def _teachers(plan) -> list[dict]:
@@ -175,3 +200,43 @@ def _manifest(plan, ev: dict, metrics: dict, timings: dict[str, float],
         "repaired_outputs": repaired,
         "metrics": metrics,
     }
+
+
+def find_random_real(plan, metrics: dict) -> dict | None:
+    """The newest random-real report under the run's output with the same data, IPC,
+    teachers, relabel and student settings (the same soft-label protocol), as
+    ``{"name", "config_fingerprint", "student_top1", "margin"}``; None when there is none
+    (or the run is random-real itself)."""
+    cfg = plan.cfg
+    if cfg.recover.method == "random-real":
+        return None
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem(storage.join(cfg.output, "runs"))
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    ours = config_to_dict(cfg)
+    fps = plan.fingerprints()
+    best = None
+    for info in infos:
+        if info.base_name != "manifest.json" or info.type != pafs.FileType.File:
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                other = json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+        c = other.get("config") or {}
+        same = (c.get("recover", {}).get("method") == "random-real"
+                and c.get("ipc") == cfg.ipc
+                and other.get("fingerprints", {}).get("data") == fps["data"]
+                and other.get("fingerprints", {}).get("teachers") == fps["teachers"]
+                and c.get("relabel") == ours["relabel"] and c.get("student") == ours["student"]
+                and c.get("seed") == cfg.seed)
+        if same and (best is None or other.get("written", "") > best.get("written", "")):
+            best = other
+    if best is None:
+        return None
+    top1 = best["metrics"]["student_top1"]
+    return {"name": best["name"], "config_fingerprint": best["fingerprints"]["config"],
+            "student_top1": top1, "margin": metrics["student_top1"] - top1,
+            "students": best["metrics"].get("students")}

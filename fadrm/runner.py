@@ -82,6 +82,11 @@ def print_summary(cfg: RunConfig, metrics: dict, file=None) -> None:
           f"(best {metrics['student_top1_best']:.2f} % after epoch "
           f"{metrics['best_epoch'] + 1} of {epochs}; top-5 {metrics['student_top5']:.2f} %)",
           file=file)
+    for model, row in (metrics.get("students") or {}).items():
+        margin = row.get("margin_over_random_real")
+        print(f"  {'student ' + model:<20} {row['top1_mean']:6.2f} +- {row['top1_std']:.2f} % "
+              f"over seeds {row['seeds']} (best {row['top1_best_mean']:.2f} %)"
+              + (f", {margin:+.2f} vs random real" if margin is not None else ""), file=file)
     scores = metrics.get("scores")
     if scores:
         print(f"  scores (DD-Ranking)  LRS {scores['lrs']:.2f} %, IOR {scores['ior']:+.2f}, "
@@ -233,7 +238,7 @@ def run_scores(plan: RunPlan, executor: Any, show_progress: bool = True) -> dict
 
     cfg = plan.cfg
     runs = score_configs(cfg)
-    syn = shards.read_json(plan.evaluate.unit_uri("student"))["student_top1"]
+    syn = shards.read_json(plan.evaluate.unit_uri(plan.evaluate.units()[0]))["student_top1"]
     top1, reports = {"syn": syn}, {}
     for role in ("random_real", "syn_hard"):
         other = runs[role]

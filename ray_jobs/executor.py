@@ -92,9 +92,8 @@ def _collective_part(stage: Stage, queue, generation: str, ctx: WorkerContext,
     import ray.train.collective
 
     wanted = stage.cfg.execution.train_workers
-    if wanted == 1:
-        if ctx.rank == 0:
-            _train_alone(stage, queue, generation, ctx, holder)
+    if wanted == 1:  # every worker takes units and trains each alone (a student matrix)
+        _train_alone(stage, queue, generation, ctx, holder)
         return
     if ctx.world_size != wanted:  # the group is sized to it: never train on another count
         raise RuntimeError(f"{stage.label}: {ctx.world_size} workers, but "
@@ -131,27 +130,14 @@ def _collective_part(stage: Stage, queue, generation: str, ctx: WorkerContext,
 
 def _train_alone(stage: Stage, queue, generation: str, ctx: WorkerContext,
                  holder: str) -> None:
-    """A training stage on one rank: as in a single process (no DDP, whole data sets)."""
+    """A training stage on one rank per unit: each worker takes the next unit and trains
+    it as a single process would (no DDP, whole data sets), so the units of an evaluation
+    matrix run side by side while each keeps the bytes of a run of its own."""
     from fadrm.training import alone
 
     solo = WorkerContext(rank=0, world_size=1, device=ctx.device)
     with alone():
-        try:
-            state = stage.setup(solo)
-        except InputError as exc:
-            ray.get(queue.fail.remote(str(exc)))
-            return
-        for unit in ray.get(queue.todo.remote()):
-            solo.report = lambda d, t, u=unit: queue.report.remote(u, d / max(t, 1))
-            ray.get(queue.next.remote(generation))
-            lease = leases.claim_when_free(stage.dir, unit, holder,
-                                           lambda u=unit: stage.is_done(u))
-            if lease is not None:
-                try:
-                    stage.run_unit(state, unit, solo)
-                finally:
-                    lease.release()
-            ray.get(queue.finish.remote(unit))
+        _unit_part(stage, queue, generation, solo, holder)
 
 
 def _unit_part(stage: Stage, queue, generation: str, ctx: WorkerContext,
@@ -186,7 +172,7 @@ def _group_size(exe, work: list[tuple[Stage, list[str]]]) -> int | tuple[int, in
     elastic range, capped by the units (more workers than units would only idle)."""
     if exe.train_workers > 1 and any(stage.collective for stage, _ in work):
         return exe.train_workers
-    units = [len(pending) for stage, pending in work if not stage.collective]
+    units = [len(pending) for _, pending in work]  # one rank per unit when training alone
     hi = min(exe.max_workers, max(units, default=1))
     lo = min(exe.min_workers, hi)
     return hi if lo == hi else (lo, hi)

@@ -120,7 +120,10 @@ def _check_model_names(cfg: RunConfig) -> None:
     from fadrm.models import ModelNameError, check_model_name
 
     named = [(f"teachers[{i}].model", t.model) for i, t in enumerate(cfg.teachers)]
-    for path, name in [*named, ("student.model", cfg.student.model)]:
+    models = cfg.student.models
+    named += [("student.model" if len(models) == 1 and not isinstance(cfg.student.model, list)
+               else f"student.model[{i}]", m) for i, m in enumerate(models)]
+    for path, name in named:
         try:
             check_model_name(name)
         except ModelNameError as exc:

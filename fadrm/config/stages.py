@@ -192,7 +192,13 @@ class RelabelConfig:
 class StudentConfig:
     """Student trained only on the distilled images and their stored soft labels."""
 
-    model: str = "resnet18"
+    model: str | list[str] = "resnet18"
+    """The student model, or a list of them: the evaluation matrix (every model x every
+    seed in ``seeds``, each trained and reported on its own; the first is the headline)."""
+    seeds: list[int] | None = None
+    """Student seeds of the evaluation matrix (initialisation and batch order; the distilled
+    set is the same); None -> the run's seed alone. A (model, seed) unit gives the bytes
+    of a run whose student is that model and whose seed is that seed."""
     small_stem: bool | None = None
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -207,7 +213,24 @@ class StudentConfig:
     eval_batch_size: int = 512
     mixed_precision: bool = True
 
+    @property
+    def models(self) -> list[str]:
+        """The student models, the headline first."""
+        return list(self.model) if isinstance(self.model, list) else [self.model]
+
+    @property
+    def is_matrix(self) -> bool:
+        """More than today's one student: a list of models or of seeds was given."""
+        return isinstance(self.model, list) or self.seeds is not None
+
     def validate(self, p: str) -> None:
+        if not self.models:
+            raise ConfigError(f"{p}.model", "needs at least one model")
+        if len(set(self.models)) != len(self.models):
+            raise ConfigError(f"{p}.model", f"lists a model twice: {self.models}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ConfigError(f"{p}.seeds", f"must be a non-empty list of different seeds, got "
+                              f"{self.seeds}")
         _positive(self.lr, f"{p}.lr")
         if self.weight_decay < 0:
             raise ConfigError(f"{p}.weight_decay", "must be >= 0")
