@@ -21,7 +21,6 @@ report read them through it (the report only the classes it draws).
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,8 +38,6 @@ from fadrm.units import UnitId
 from fadrm.formats import shards
 
 __all__ = ["Listing", "list_data", "DataSource", "StreamedSplit", "load_distilled"]
-
-log = logging.getLogger("fadrm.datasource")
 
 _SPLITS = ("train", "val")
 
@@ -256,7 +253,8 @@ class DataSource:
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    """Item i = (uint8 [C, H, W] or None when unreadable, label) of file i of a listing."""
+    """Item i = (uint8 [C, H, W] or None when unreadable, label, the skip record or None)
+    of file i of a listing."""
 
     def __init__(self, cfg: DataConfig, files: list, crop_ratio: float | None = None):
         self.cfg, self.files, self.crop_ratio = cfg, files, crop_ratio
@@ -271,16 +269,18 @@ class _FileDataset(torch.utils.data.Dataset):
             arr = torch.from_numpy(fdecode._decode(f, self.cfg.resolution, self.mode,
                                                    self.crop_ratio))
         except Exception as exc:  # noqa: BLE001 - PIL's many error types: skip the file
-            log.warning("skipping unreadable image %s: %s", f.uri, exc)
-            return None, f.label
-        return (arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)), f.label
+            error = f"{type(exc).__name__}: {exc}"
+            fdecode.warn_unreadable(f.uri, error)
+            return None, f.label, {"path": f.uri, "error": error}
+        return (arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)), f.label, None
 
 
-def _stack_readable(items) -> tuple[torch.Tensor, torch.Tensor]:
-    good = [(x, y) for x, y in items if x is not None]
+def _stack_readable(items) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    good = [(x, y) for x, y, _ in items if x is not None]
+    skipped = [bad for _, _, bad in items if bad is not None]
     if not good:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good])
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), skipped
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), skipped
 
 
 class StreamedSplit:
@@ -293,7 +293,8 @@ class StreamedSplit:
         self.cfg, self.files, self.classes = cfg, files, classes
         self.crop_ratio = crop_ratio
         self.labels = torch.tensor([f.label for f in files], dtype=torch.long)
-        self.skipped: list[dict] = []
+        self.skipped: list[dict] = []  # unreadable files met so far (once each)
+        self._skipped_paths: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -310,7 +311,15 @@ class StreamedSplit:
             _FileDataset(self.cfg, self.files, self.crop_ratio), batch_sampler=index_batches,
             collate_fn=_stack_readable, num_workers=workers, prefetch_factor=4,
             persistent_workers=False)
-        yield from loader
+        for images, labels, skipped in loader:
+            # A loader worker process said it; recorded here, in this process, so the
+            # workers of the next pass (forked from it again) say nothing more of it.
+            for bad in skipped:
+                fdecode.mark_said(bad["path"])
+                if bad["path"] not in self._skipped_paths:
+                    self._skipped_paths.add(bad["path"])
+                    self.skipped.append(bad)
+            yield images, labels
 
 
 # --------------------------------------------------------------------------- distilled

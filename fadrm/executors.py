@@ -9,13 +9,34 @@ import torch
 
 from fadrm import leases
 from fadrm.amp import resolve_device
-from fadrm.errors import InputError
+from fadrm.errors import DeviceError, InputError
 from fadrm.progress import StageProgress
 from fadrm.stages.base import Stage, WorkerContext
 
-__all__ = ["LocalExecutor"]
+__all__ = ["LocalExecutor", "local_device"]
 
 log = logging.getLogger("fadrm.executors")
+
+
+def local_device(exe) -> str:
+    """The local executor's ``execution.device``, held to ``execution.use_gpu`` (``exe``, an
+    :class:`~fadrm.config.ExecutionConfig`): true asks for a GPU, as it does of the Ray
+    executor, so a machine without one is refused before any work (never a silent run on
+    the CPU); false means the CPU; null leaves ``execution.device`` to decide."""
+    if exe.use_gpu is None:
+        return exe.device
+    if exe.use_gpu:
+        if exe.device == "cpu":
+            raise InputError("execution.use_gpu: is true but execution.device is 'cpu'; set "
+                             "one of them to agree (device auto or cuda, or use_gpu false)")
+        if not torch.cuda.is_available():
+            raise DeviceError("execution.use_gpu: is true but this machine has no CUDA GPU "
+                              "(local executor); set it to false or null, or run on a GPU node")
+        return "cuda"
+    if exe.device == "cuda":
+        raise InputError("execution.use_gpu: is false but execution.device is 'cuda'; set "
+                         "one of them to agree (device auto or cpu, or use_gpu true or null)")
+    return "cpu"
 
 
 class LocalExecutor:

@@ -19,7 +19,7 @@ from fadrm.methods import create_method
 from fadrm.stages import (EvaluateStage, RecoverStage, RelabelStage, SelectStage,
                           SqueezeStage, Stage)
 
-__all__ = ["RunPlan", "config_fingerprint", "report_dir", "latest_dir"]
+__all__ = ["RunPlan", "RUN_ONLY_OPTIONS", "config_fingerprint", "report_dir", "latest_dir"]
 
 
 class RunPlan:
@@ -304,15 +304,29 @@ class RunPlan:
         return RunStatus(out, self.fingerprints(), report, report_reason)
 
 
+RUN_ONLY_OPTIONS = ("address", "max_failures", "worker_start_timeout_s", "resource_wait_s",
+                    "worker_group", "verify_outputs")
+"""``execution`` options that decide how a run goes (which cluster, retries, waits, how
+closely finished outputs are checked), never what it computes: the config fingerprint hashes
+their defaults, so setting one (``--set execution.verify_outputs=true``) keeps the config's
+report folder, and a config that leaves them at their defaults keeps the fingerprint it had.
+Not here: what the bytes depend on (``device``, ``use_gpu``, ``threads_per_worker``,
+``train_workers``), and ``min_workers``/``max_workers``, which change no bytes either but
+which the presets set, so hashing their defaults would move those reports' folders."""
+
+
 def config_fingerprint(cfg: RunConfig) -> str:
     """12 hex digits of the resolved config: each config's report has its own folder.
     The ``evaluate`` section counts only when it asks for scores (off, it changes nothing),
-    ``student.seeds`` only when set (configs written before it keep their folders)."""
+    ``student.seeds`` only when set (configs written before it keep their folders), and the
+    :data:`RUN_ONLY_OPTIONS` as their defaults."""
     data = config_to_dict(cfg)
     if not cfg.evaluate.scores:
         data.pop("evaluate", None)
     if cfg.student.seeds is None:  # fields added later count only when set
         data["student"].pop("seeds", None)
+    defaults = type(cfg.execution)()
+    data["execution"].update({k: getattr(defaults, k) for k in RUN_ONLY_OPTIONS})
     return digest(data, 12)
 
 

@@ -149,7 +149,47 @@ def _metrics(plan, ev: dict, timings: dict[str, float | None], cached: list[str]
         "epochs": cfg.relabel.epochs,
         "stage_seconds": timings,
         "cached_stages": list(cached),
+        "num_skipped_inputs": len(ev["skipped_inputs"]),
+        "warnings": run_warnings(plan, ev),
     }
+
+
+def run_warnings(plan, ev: dict) -> list[str]:
+    """What the run's numbers should not hide, one line each (logged, in metrics.json and
+    in the summary): a teacher no better than chance on the validation set (wrong weights,
+    normalisation or class order), and the unreadable inputs skipped, per data root."""
+    out = []
+    chance = 100.0 / plan.num_classes
+    for i, top1 in enumerate(ev.get("teachers_top1") or []):
+        if top1 is not None and top1 <= chance:
+            out.append(f"teachers[{i}] ({plan.cfg.teachers[i].model}): validation top-1 "
+                       f"{top1:.2f} % is not above chance ({chance:.2f} % for "
+                       f"{plan.num_classes} classes); check its weights, data.mean/std and "
+                       f"the class order")
+    skipped = ev.get("skipped_inputs") or []
+    if skipped:
+        roots = _skipped_roots(plan.cfg.data, skipped)
+        where = ", ".join(f"{n} under {key} {root}" for (key, root), n in roots.items())
+        out.append(f"{len(skipped)} unreadable input(s) skipped ({where}); listed in "
+                   f"manifest.json skipped_inputs")
+    for line in out:
+        log.warning("%s: %s", plan.cfg.name, line)
+    return out
+
+
+def _skipped_roots(data, skipped: list[dict]) -> dict[tuple[str, str], int]:
+    """How many skipped inputs lie under each configured data root (``data.root``,
+    ``data.val_root``)."""
+    roots = [("data.val_root", data.val_root), ("data.root", data.root)]
+    roots = [(key, root) for key, root in roots if root]
+    counts: dict[tuple[str, str], int] = {}
+    for entry in skipped:
+        path = str(entry.get("path", ""))
+        # The longest root that holds the path (a val_root may lie inside root).
+        hit = max((r for r in roots if path.startswith(r[1].rstrip("/") + "/")),
+                  key=lambda r: len(r[1]), default=("data.root", data.root))
+        counts[hit] = counts.get(hit, 0) + 1
+    return counts
 
 
 def _students(plan, units: dict[str, dict], metrics: dict) -> dict:

@@ -17,7 +17,7 @@ from typing import Any
 from fadrm import storage
 from fadrm.config import RunConfig
 from fadrm.errors import InputError, MissingDependencyError
-from fadrm.executors import LocalExecutor
+from fadrm.executors import LocalExecutor, local_device
 from fadrm.plan import RunPlan, latest_dir, report_dir
 from fadrm.preflight import check_inputs, check_plan
 from fadrm.progress import StageProgress
@@ -36,10 +36,10 @@ _ENTRY_POINTS = "fadrm.executors"
 
 def create_executor(cfg: RunConfig, name: str = "ray") -> Any:
     """The executor called ``name``: 'local' (every unit in this process, on
-    ``execution.device``; needs no Ray) or one registered under the ``fadrm.executors``
+    ``execution.device``, held to ``execution.use_gpu``; needs no Ray) or one registered under the ``fadrm.executors``
     entry points ('ray': Ray Train on an embedded or remote Ray cluster)."""
     if name == "local":
-        return LocalExecutor(cfg.execution.device)
+        return LocalExecutor(local_device(cfg.execution))
     from importlib.metadata import entry_points
 
     found = {ep.name: ep for ep in entry_points(group=_ENTRY_POINTS)}
@@ -94,6 +94,8 @@ def print_summary(cfg: RunConfig, metrics: dict, file=None) -> None:
               f"hard labels: full data {scores['real_hard_top1']:.2f} %, distilled "
               f"{scores['syn_hard_top1']:.2f} %)", file=file)
     print(f"  stage seconds        {stages}", file=file)  # cached: an earlier run's time
+    for line in metrics.get("warnings") or []:  # reports of earlier builds have none
+        print(f"  warning              {line}", file=file)
     print(f"  report               {report_dir(cfg)}/ (metrics.json, manifest.json, "
           f"grid.png; newest: {latest_dir(cfg)})", file=file)
 

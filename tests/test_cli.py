@@ -57,10 +57,9 @@ def two_variants(tmp_path_factory):
 
 def _dir(cfg) -> Path:
     """``<output>/runs/<name>/<config fingerprint>``: this config's own report."""
-    from fadrm.config import config_to_dict
-    from fadrm.lineage import digest
+    from fadrm.plan import config_fingerprint
 
-    return Path(cfg.output) / "runs" / cfg.name / digest(config_to_dict(cfg), 12)
+    return Path(cfg.output) / "runs" / cfg.name / config_fingerprint(cfg)
 
 
 # --------------------------------------------------------------------------- 2: names, paths

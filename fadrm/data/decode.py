@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,28 @@ from fadrm.config import DataConfig
 from fadrm.data.images import Progress, center_offsets, eval_resize_shape
 
 log = logging.getLogger("fadrm.data")
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_unreadable(uri: str, error: str) -> None:
+    """Say once per process that ``uri`` is skipped: the stages that decode the same files
+    (squeeze's training set, then select's candidates) would each say it again. Every
+    decode still skips the file and records it; later mentions go to the debug log."""
+    if mark_said(uri):
+        log.warning("skipping unreadable image %s: %s", uri, error)
+    else:
+        log.debug("skipping unreadable image %s (again): %s", uri, error)
+
+
+def mark_said(uri: str) -> bool:
+    """Record that ``uri`` was said to be unreadable; True the first time in this process
+    (a caller whose worker process said it records it here with this alone)."""
+    with _warned_lock:
+        first = uri not in _warned
+        _warned.add(uri)
+    return first
 
 
 @dataclass(frozen=True)
@@ -83,7 +106,7 @@ def _decode_each(
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fadrm-decode") as pool:
         for i, result in enumerate(pool.map(work, files)):
             if isinstance(result, str):
-                log.warning("skipping unreadable image %s: %s", files[i].uri, result)
+                warn_unreadable(files[i].uri, result)
                 skipped.append({"path": files[i].uri, "error": result})
             else:
                 yield i, _to_chw(result)
