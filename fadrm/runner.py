@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import uuid
 from typing import Any
 
 from fadrm import storage
@@ -126,11 +127,14 @@ class StageClock:
 
     An executor that runs several stages at once (one worker group for all) calls
     ``begin`` and ``end`` as each stage starts and finishes; ``end`` checks that every unit
-    is in storage and records the stage's seconds beside its outputs.
+    is in storage and records the stage's seconds beside its outputs. Each time a unit
+    finishes, the time so far is kept there too (as this run's, ``attempt``), so a run
+    killed without a chance to say so leaves it for the run that resumes the stage.
     """
 
     def __init__(self, timings: dict[str, float | None], show_progress: bool = True):
         self.timings, self.show_progress = timings, show_progress
+        self.attempt = uuid.uuid4().hex[:12]  # this run, in the stages' timing.json
         self._start: dict[str, float] = {}  # stages begun and not ended
         self._pending: dict[str, int] = {}
         self._stages: dict[str, Any] = {}
@@ -141,7 +145,17 @@ class StageClock:
                  stage.key.key)
         self._start[label], self._pending[label] = time.perf_counter(), len(pending)
         self._stages[label] = stage
-        return StageProgress(label, len(pending), enabled=self.show_progress)
+        progress = StageProgress(label, len(pending), enabled=self.show_progress)
+        return _Checkpointed(progress, lambda: self._checkpoint(stage))
+
+    def _checkpoint(self, stage) -> None:
+        start = self._start.get(stage.label)
+        if start is None:
+            return
+        try:
+            stage.checkpoint_seconds(self.attempt, time.perf_counter() - start)
+        except Exception as exc:  # noqa: BLE001 - a timing must never fail the run
+            log.debug("%s: could not keep its time so far: %s", stage.label, exc)
 
     def end(self, stage) -> None:
         label = stage.label
@@ -151,8 +165,9 @@ class StageClock:
                                f"ran: {missing[:5]}")
         seconds = round(time.perf_counter() - self._start.pop(label), 2)
         count = self._pending[label]
-        stage.record_seconds(seconds, count)
-        # The whole stage: earlier partial runs (and repairs) of this output add up.
+        stage.record_seconds(seconds, count, self.attempt)
+        # The whole stage: earlier partial runs (and repairs, and killed runs up to their
+        # last finished unit) of this output add up.
         self.timings[label] = stage.recorded_seconds() or seconds
         log.info("%s: %d units in %.1f s (%.2f units/s)", label, count, seconds,
                  count / max(seconds, 1e-9))
@@ -166,10 +181,32 @@ class StageClock:
             if stage is None:
                 continue
             try:
-                stage.record_seconds(round(time.perf_counter() - start, 2), 0)
+                stage.record_seconds(round(time.perf_counter() - start, 2), 0, self.attempt)
             except Exception as exc:  # noqa: BLE001 - the run's own error matters more
                 log.debug("%s: could not record its partial time: %s", stage_label, exc)
         self._start.clear()
+
+
+class _Checkpointed:
+    """A stage's progress (:class:`StageProgress`) that calls ``on_unit`` each time the
+    count of finished units grows (executors report finished units, with the running
+    units' fractions)."""
+
+    def __init__(self, progress: StageProgress, on_unit):
+        self.progress, self.on_unit = progress, on_unit
+        self.finished = 0
+
+    def update(self, done: float) -> None:
+        self.progress.update(done)
+        if int(done) > self.finished:
+            self.finished = int(done)
+            self.on_unit()
+
+    def close(self) -> None:
+        self.progress.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.progress, name)
 
 
 def run_pipeline(cfg: RunConfig, executor: Any, show_progress: bool = True) -> dict:

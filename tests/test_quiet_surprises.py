@@ -195,3 +195,56 @@ def test_a_streamed_split_records_an_unreadable_file_once(tmp_path, workers):
     assert stream.skipped == [{"path": bad, "error": stream.skipped[0]["error"]}]
     lines = [line for line in said.read_text().splitlines() if bad in line]
     assert len(lines) == 1 and lines[0].startswith("skipping unreadable image"), lines
+
+
+# --------------------------------------------------------------------------- stage_seconds
+
+_KILL_IN_RECOVER = """
+import os, signal, sys, time
+from fadrm.stages import RecoverStage
+real = RecoverStage.run_unit
+calls = []
+def timed(self, state, unit, ctx):
+    if len(calls) == 2:  # two units finished: killed as a pod is, no handler runs
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.perf_counter()
+    real(self, state, unit, ctx)
+    calls.append(time.perf_counter() - start)
+    with open(sys.argv[2], "a") as f:
+        f.write(f"{calls[-1]}\\n")
+RecoverStage.run_unit = timed
+from fadrm.cli import main
+sys.exit(main(["run", sys.argv[1], "--executor", "local", "--no-progress"]))
+"""
+
+
+def test_a_resumed_stage_counts_the_killed_runs_finished_units(tmp_path, fmnist_root):
+    import signal
+    import subprocess
+    import sys
+
+    from fadrm.executors import LocalExecutor
+    from fadrm.plan import RunPlan
+    from fadrm.runner import run_pipeline
+
+    settings = tiny_run_config(tmp_path / "out", fmnist_root, ipc=4)
+    settings["squeeze"]["epochs"] = 1
+    settings["recover"]["stage_iterations"] = [20, 20, 20]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    units = tmp_path / "units.txt"
+    proc = subprocess.run([sys.executable, "-c", _KILL_IN_RECOVER, str(path), str(units)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    first_units = [float(x) for x in units.read_text().split()]
+    cfg = load_config(path)
+    recover = RunPlan(cfg).recover
+    assert len(first_units) == 2 and len(recover.pending()) == 2
+    killed = recover.recorded_seconds()  # kept as each unit finished, never closed
+    assert killed is not None and killed >= sum(first_units)
+
+    metrics = run_pipeline(cfg, LocalExecutor("cpu"), show_progress=False)
+    timing = json.loads(Path(recover.timing_uri).read_text())
+    resumed = timing["seconds"]  # this run's part: the killed run never ended its own
+    assert 0 < resumed and timing["last_units"] == 2
+    assert metrics["stage_seconds"]["recover"] == pytest.approx(killed + resumed, abs=0.011)

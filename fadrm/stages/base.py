@@ -107,24 +107,45 @@ class Stage:
         return [u for u in self.units() if not self.is_done(u)]
 
     # The time this stage's output took to compute, kept beside it, so a later run that
-    # reuses the output reports it as cached with its original time (not as 0 s).
+    # reuses the output reports it as cached with its original time (not as 0 s), and a run
+    # that resumes it reports the whole stage's time (not only its own part).
     @property
     def timing_uri(self) -> str:
         return storage.join(self.dir, "timing.json")
 
-    def recorded_seconds(self) -> float | None:
-        """Seconds the runs that computed this output spent on it; None when unknown."""
+    def _timing(self) -> dict:
         try:
-            return shards.read_json(self.timing_uri)["seconds"]
-        except (FileNotFoundError, KeyError, ValueError):
-            return None
+            return shards.read_json(self.timing_uri)
+        except (FileNotFoundError, ValueError):
+            return {}
 
-    def record_seconds(self, seconds: float, units: int) -> None:
-        """Add a run's ``seconds`` for ``units`` units (a resumed or repaired stage adds up)."""
-        before = self.recorded_seconds() or 0.0
+    def recorded_seconds(self) -> float | None:
+        """Seconds the runs that computed this output spent on it: the runs that ended
+        (finished, stopped or failed), plus those that were killed, up to their last
+        finished unit; None when unknown."""
+        timing = self._timing()
+        if "seconds" not in timing and not timing.get("open"):
+            return None
+        return round(timing.get("seconds", 0.0) + sum(timing.get("open", {}).values()), 2)
+
+    def record_seconds(self, seconds: float, units: int, attempt: str | None = None) -> None:
+        """Add a run's ``seconds`` for ``units`` units (a resumed or repaired stage adds up);
+        ``attempt``: that run's id, whose running time (:meth:`checkpoint_seconds`) this
+        replaces."""
+        timing = self._timing()
+        running = timing.get("open", {})
+        running.pop(attempt, None)
         shards.write_json(self.timing_uri, {
-            "seconds": round(before + seconds, 2), "last_units": units,
+            "seconds": round(timing.get("seconds", 0.0) + seconds, 2), "last_units": units,
+            "open": running,
             "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+
+    def checkpoint_seconds(self, attempt: str, seconds: float) -> None:
+        """The running ``attempt`` has spent ``seconds`` so far (said as each unit finishes):
+        kept until it ends, and counted if it never does (a SIGKILL, a lost driver)."""
+        timing = self._timing()
+        timing.setdefault("open", {})[attempt] = round(seconds, 2)
+        shards.write_json(self.timing_uri, timing)
 
     def setup(self, ctx: WorkerContext) -> Any:
         """Per-worker state loaded once (data, teachers)."""
