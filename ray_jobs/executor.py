@@ -16,7 +16,10 @@ Only failures of the run itself (a lost worker or node, an out-of-memory kill) a
 restart. A bad input (:class:`~fadrm.errors.InputError`: config, data, weights) fails the
 same way on every attempt, so a worker that meets one records it in the queue and stops
 instead of raising: the other workers find no more units, the stage ends at once, and the
-driver raises the recorded error, once.
+driver raises the recorded error, once. A damaged output that a worker reads
+(:class:`~fadrm.formats.shards.ShardCorruptError`) is recorded the same way, with its uri:
+the driver raises it as such, and the run regenerates that output, as under the local
+executor (:func:`fadrm.runner.run_pipeline`).
 
 The driver runs ``trainer.fit()`` in a thread and watches it: progress, one line a minute
 while no worker group could start (workers or GPUs not there yet), a bound on that wait
@@ -42,6 +45,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fadrm import leases
 from fadrm.errors import InputError
+from fadrm.formats.shards import ShardCorruptError
 from fadrm.progress import StageProgress
 from fadrm.stages import Stage, WorkerContext
 from ray_jobs.queue import QueueState, UnitQueue
@@ -102,8 +106,8 @@ def _collective_part(stage: Stage, queue, generation: str, ctx: WorkerContext,
     # that returned early would leave the others waiting in a collective forever).
     try:
         state = stage.setup(ctx)
-    except InputError as exc:
-        ray.get(queue.fail.remote(str(exc)))
+    except (InputError, ShardCorruptError) as exc:
+        _record_failure(queue, exc)
     ray.train.collective.barrier()
     if ray.get(queue.state.remote()).failure is not None:
         return
@@ -119,7 +123,11 @@ def _collective_part(stage: Stage, queue, generation: str, ctx: WorkerContext,
                                            lambda u=unit: stage.is_done(u))
         try:
             if ray.train.collective.broadcast_from_rank_zero(lease is not None):
-                stage.run_unit(state, unit, ctx)
+                try:
+                    stage.run_unit(state, unit, ctx)
+                except ShardCorruptError as exc:  # every rank reads the same shards
+                    _record_failure(queue, exc)
+                    return
             ray.train.collective.barrier()
         finally:
             if lease is not None:
@@ -162,8 +170,15 @@ def _unit_part(stage: Stage, queue, generation: str, ctx: WorkerContext,
                 ray.get(queue.defer.remote(unit, leases.POLL_S))
             else:
                 ray.get(queue.finish.remote(unit))
-    except InputError as exc:
-        ray.get(queue.fail.remote(str(exc)))
+    except (InputError, ShardCorruptError) as exc:
+        _record_failure(queue, exc)
+
+
+def _record_failure(queue, exc: Exception) -> None:
+    """A failure that every attempt would meet again, recorded in the queue instead of
+    raised (no restart): a bad input, or a damaged output with its uri."""
+    uri = exc.uri if isinstance(exc, ShardCorruptError) else None
+    ray.get(queue.fail.remote(str(exc), uri))
 
 
 def _group_size(exe, work: list[tuple[Stage, list[str]]]) -> int | tuple[int, int]:
@@ -196,6 +211,8 @@ def _unwrap(exc: BaseException, label: str) -> BaseException:
         inner = cause if isinstance(cause, BaseException) else inner
         if isinstance(inner, InputError):
             return InputError(f"{label}: {inner}")
+        if isinstance(inner, ShardCorruptError):  # met outside a unit: the run repairs it
+            return ShardCorruptError(f"{label}: {inner}", inner.uri)
         lines = str(inner).strip().splitlines()
         text = lines[0] if lines else ""
         return StageFailed(f"{label}: worker {rank} failed after retries: "
@@ -369,7 +386,7 @@ class RayTrainExecutor:
         next_note = start + every
         started = False
         current = 0  # index of the stage being followed
-        failed = None
+        failed = corrupt = None
         progress = clock.begin(*work[0])
         runner.start()
         try:
@@ -384,8 +401,8 @@ class RayTrainExecutor:
                     state = QueueState(progress.done, started, None, 0)
                 progress.update(state.done)
                 if state.failure is not None:
-                    # Every worker stops at a recorded bad input; the group ends by itself.
-                    failed = f"{stage.label}: {state.failure}"
+                    # Every worker stops at a recorded failure; the group ends by itself.
+                    failed, corrupt = f"{stage.label}: {state.failure}", state.corrupt_uri
                     break
                 if current == 0 and state.started and not started:
                     rest = (f" (the same group runs the next {len(work) - 1} stages)"
@@ -421,7 +438,7 @@ class RayTrainExecutor:
         runner.join()
         progress.close()
         if failed is not None:
-            raise InputError(failed)
+            raise InputError(failed) if corrupt is None else ShardCorruptError(failed, corrupt)
         if "error" in outcome:
             raise _unwrap(outcome["error"], work[min(current, len(work) - 1)][0].label) \
                 from outcome["error"]

@@ -20,6 +20,7 @@ class QueueState(NamedTuple):
     started: bool  # a worker group has entered
     failure: str | None  # a recorded bad input (no unit is handed out after it)
     finished: int  # units whose outputs are in storage
+    corrupt_uri: str | None = None  # the failure is this damaged output (the run repairs it)
 
 
 @ray.remote(num_cpus=0)
@@ -36,6 +37,7 @@ class UnitQueue:
         self.done: set[str] = set()
         self.generation: str | None = None
         self.failure: str | None = None  # a bad-input error a worker met (not retried)
+        self.corrupt_uri: str | None = None  # ...or the damaged output it met
         self.changed = asyncio.Condition()
 
     async def enter(self, generation: str) -> None:
@@ -84,10 +86,11 @@ class UnitQueue:
         async with self.changed:
             self.changed.notify_all()
 
-    async def fail(self, message: str) -> None:
-        """Record a deterministic (bad-input) failure: no unit is handed out after it."""
+    async def fail(self, message: str, corrupt_uri: str | None = None) -> None:
+        """Record a deterministic failure, a bad input or (``corrupt_uri``) a damaged output
+        that the driver's run regenerates: no unit is handed out after it."""
         if self.failure is None:
-            self.failure = message
+            self.failure, self.corrupt_uri = message, corrupt_uri
         async with self.changed:
             self.changed.notify_all()
 
@@ -97,14 +100,15 @@ class UnitQueue:
 
     async def state(self) -> QueueState:
         done = len(self.done) + sum(self.inner.values())
-        return QueueState(done, self.generation is not None, self.failure, len(self.done))
+        return QueueState(done, self.generation is not None, self.failure, len(self.done),
+                          self.corrupt_uri)
 
     async def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     async def wait_done(self, count: int) -> list[str]:
-        """Block until at least ``count`` units are finished (or a worker recorded a bad
-        input); returns the finished ones."""
+        """Block until at least ``count`` units are finished (or a worker recorded a
+        failure); returns the finished ones."""
         async with self.changed:
             await self.changed.wait_for(
                 lambda: len(self.done) >= count or self.failure is not None)

@@ -86,3 +86,33 @@ def test_a_run_that_meets_a_damaged_shard_repairs_it_in_the_same_run(corrupted_r
     assert "sha256" in repaired[0]["problem"]
     assert plan.status(verify=True).up_to_date
     assert metrics["student_top1"] >= 0
+
+
+@pytest.mark.slow
+def test_a_ray_worker_that_meets_a_damaged_shard_has_it_repaired_in_the_same_run(
+        corrupted_run, worker_groups):
+    """As above, through Ray Train (embedded local Ray): the worker that reads the damaged
+    recover shard records it (no retry: max_failures 0 would fail the run), and the driver
+    raises it as ShardCorruptError with its uri, so the run regenerates it."""
+    import ray
+
+    from ray_jobs.executor import RayTrainExecutor
+
+    path, _, uri, original = corrupted_run
+    changed = load_config(path, ["relabel.epochs=3", "execution.max_workers=1",
+                                 "execution.max_failures=0"])
+    try:
+        metrics = run_pipeline(changed, RayTrainExecutor(changed), show_progress=False)
+    finally:
+        ray.shutdown()
+    # relabel met it (group 1); recover, relabel and evaluate ran again (group 2).
+    assert [g.split("-")[1:4] for g in worker_groups] == [["relabel", "to", "evaluate"],
+                                                         ["recover", "to", "evaluate"]]
+    assert Path(uri).read_bytes() == original
+    plan = RunPlan(changed)
+    manifest = json.loads((Path(plan.run_dir) / "manifest.json").read_text())
+    repaired = manifest["repaired_outputs"]
+    assert [(r["stage"], r["uri"]) for r in repaired] == [("recover", uri)]
+    assert "sha256" in repaired[0]["problem"] and repaired[0]["problem"].startswith("relabel: ")
+    assert plan.status(verify=True).up_to_date
+    assert metrics["student_top1"] >= 0
