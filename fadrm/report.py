@@ -77,6 +77,9 @@ def write_report(plan, timings: dict[str, float | None], repaired: list[dict] | 
 
     units = plan.evaluate.unit_metrics()
     ev = next(iter(units.values()))  # the headline student (the matrix's first)
+    # Each teacher trained here lists the training set's unreadable files: each file once.
+    once = {str(s.get("path")): s for s in ev.get("skipped_inputs", [])}
+    ev = {**ev, "skipped_inputs": list(once.values())}
     metrics = _metrics(plan, ev, timings, cached or [])
     if scores is not None:
         metrics["scores"] = scores
