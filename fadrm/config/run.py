@@ -21,7 +21,9 @@ class ExecutionConfig:
     max_workers: int = 2
     """Ray Train worker range (elastic): ScalingConfig(num_workers=(min, max))."""
     use_gpu: bool | None = None
-    """None -> use GPUs when the cluster has them."""
+    """None -> use GPUs when the cluster has them; true -> required (where none can come,
+    on the embedded Ray or with the local executor, the run is refused before any work);
+    false -> the CPU."""
     threads_per_worker: int = 1
     """torch intra-op threads (and CPUs reserved) per worker."""
     train_workers: int = 1
