@@ -15,9 +15,11 @@ of its own, as each gets a GPU pod in production. The pods' own network is a con
 network with the head reachable as <cluster>-head-svc.<namespace>.svc.cluster.local.
 
 A tiny config is submitted twice from the host with `ray job submit` (token in the client's
-environment only): undisturbed, then with one worker container killed (SIGKILL) as soon as
-the first recover unit of that run is on the shared volume. Both jobs must succeed and every
-shard of the two output trees must have the same sha256. Writes
+environment only; the status is read with Ray's job SDK, the token in its Authorization
+header): undisturbed, then with one worker container killed (SIGKILL) as soon as the first
+recover unit of that run is on the volume that all three containers mount at the same path.
+Both jobs must succeed and every shard of the two output trees must have the same sha256
+(evaluate's metrics.json compared without its wall time, `student_train_seconds`). Writes
 benchmarks/results/container_cluster.json.
 """
 
@@ -177,6 +179,7 @@ class Cluster(contextlib.AbstractContextManager):
         self.names = [f"{CLUSTER}-head"] + [f"{CLUSTER}-worker-gpu-{i}" for i in range(workers)]
         self.spec = cluster_spec()
         self.started: list[str] = []
+        self._jobs = None  # the job SDK client, made on first use
 
     def _run(self, node: str, name: str) -> None:
         p = pod(self.spec, node, name, self.token)
@@ -246,13 +249,22 @@ class Cluster(contextlib.AbstractContextManager):
             raise CheckError(f"ray job submit: {proc.stderr[-2000:]}")
 
     def job_status(self, job_id: str) -> str:
-        proc = self.ray("job", "status", "--address", self.dashboard, job_id)
-        # "Status for job 'ID': SUCCEEDED" (Ray's CLI logs to stderr)
-        m = re.search(r"Status for job '[^']*': (\w+)", proc.stdout + proc.stderr)
-        return m.group(1) if m else "UNKNOWN"
+        """The job's JobStatus name, from Ray's job SDK. (`ray job status` prints "Status
+        for job" only while a job runs, and a banner once it has succeeded.) The token goes
+        in the request's own Authorization header: this process's environment stays as is."""
+        return self.jobs().get_job_status(job_id).value
 
     def logs(self, job_id: str) -> str:
-        return self.ray("job", "logs", "--address", self.dashboard, job_id).stdout
+        return self.jobs().get_job_logs(job_id)
+
+    def jobs(self):
+        """Ray's JobSubmissionClient for the head, made on first use."""
+        from ray.job_submission import JobSubmissionClient
+
+        if self._jobs is None:
+            self._jobs = JobSubmissionClient(
+                self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
+        return self._jobs
 
     def __exit__(self, *exc) -> None:
         for name in reversed(self.started):
@@ -263,14 +275,41 @@ class Cluster(contextlib.AbstractContextManager):
 # --------------------------------------------------------------------------- the runs
 
 
+# evaluate's metrics.json records a wall time (docs/OUTPUTS.md): compared without it.
+TIMED_KEYS = ("student_train_seconds",)
+
+
 def shard_digests(out: Path) -> dict[str, str]:
-    """sha256 of every stage output file (run reports and timings excluded)."""
+    """sha256 of every stage output file, run reports and timing.json excluded; evaluate's
+    metrics JSON hashed without its TIMED_KEYS, and its checksum sidecar (the sha256 of the
+    timed bytes) left out."""
     digests = {}
     for path in sorted(out.rglob("*")):
         rel = path.relative_to(out)
-        if path.is_file() and rel.parts[0] != "runs" and path.name != "timing.json":
-            digests[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if not path.is_file() or rel.parts[0] == "runs" or path.name == "timing.json":
+            continue
+        data = path.read_bytes()
+        if rel.parts[0] == "evaluate" and path.name.startswith("metrics"):
+            if path.name.endswith(".sha256.json"):
+                continue
+            metrics = json.loads(data)
+            data = json.dumps({k: v for k, v in metrics.items() if k not in TIMED_KEYS},
+                              sort_keys=True).encode()
+        digests[str(rel)] = hashlib.sha256(data).hexdigest()
     return digests
+
+
+def recover_units_on_volume(out: Path) -> list[Path]:
+    """The recover units finished so far (each unit's shard is written before its sidecar)."""
+    return sorted((out / "recover").glob("*/images-*.arrow.json")) if (
+        out / "recover").exists() else []
+
+
+def pipeline_lines(log: str) -> list[str]:
+    """The driver's own log lines (stage starts and ends, workers started) and Ray's word
+    that a node was lost, shortened."""
+    return [re.sub(r"\x1b\[[0-9;]*m", "", ln)[:200] for ln in log.splitlines()
+            if re.search(r" (fadrm\.pipeline|ray_jobs\.executor): |has been marked dead", ln)]
 
 
 def run_job(cluster: Cluster, name: str, config: str, out: Path, kill: str | None,
@@ -279,20 +318,22 @@ def run_job(cluster: Cluster, name: str, config: str, out: Path, kill: str | Non
     cluster.submit(config, name)
     killed_at = None
     if kill is not None:
-        first_unit = poll("the first recover unit on the volume",
-                          lambda: next((out / "recover").glob("*/images-*.arrow.json"), None)
-                          if (out / "recover").exists() else None, timeout, every=0.2)
-        done = len(list(first_unit.parent.glob("images-*.arrow.json")))
+        first = poll("the first recover unit on the volume",
+                     lambda: recover_units_on_volume(out), timeout, every=0.2)[0]
         cluster.engine("kill", "--signal", "KILL", kill, timeout=120)
+        # Counted once the container is gone: what the killed run had finished by then.
         killed_at = {"seconds": round(time.perf_counter() - start, 1),
-                     "after_unit": first_unit.name, "recover_units_done": done}
+                     "after_unit": first.name,
+                     "recover_units_done": len(recover_units_on_volume(out))}
     status = poll(f"job {name} to finish",
                   lambda: (s := cluster.job_status(name)) in ("SUCCEEDED", "FAILED", "STOPPED")
                   and s, timeout, every=2.0)
     result = {"status": status, "seconds": round(time.perf_counter() - start, 1),
               "killed": kill, "killed_at": killed_at}
+    log = cluster.logs(name)
+    result["driver_log"] = pipeline_lines(log)
     if status != "SUCCEEDED":
-        result["log_tail"] = cluster.logs(name)[-3000:]
+        result["log_tail"] = log[-3000:]
     return result
 
 
@@ -320,9 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         os.chown(shared, 1000, 100)  # the pods' fsGroup 100: the non-root user writes here
         for run in ("undisturbed", "worker-killed"):
             cfg = tiny_config(str(shared / run))
-            # Recover long enough (10 units of 300 iterations) to be killed in the middle.
+            # Recover long enough (20 units of 1200 iterations, ~30 s on the two 1-CPU
+            # workers) to be killed in the middle.
             cfg["ipc"] = 2
-            cfg["recover"].update(class_block_size=1, stage_iterations=[150, 150])
+            cfg["recover"].update(class_block_size=1, stage_iterations=[600, 600])
             (config_dir / f"{run}.yaml").write_text(json.dumps(cfg, indent=1))
         start = time.perf_counter()
         with Cluster(engine, args.image, shared, config_dir) as cluster:
@@ -332,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                 "nodes": len(cluster.names),
                 "head_command": pod(cluster.spec, "head", cluster.names[0], "-")["args"][0],
                 "worker_command": pod(cluster.spec, "worker", cluster.names[1], "-")["args"][0],
-                "auth": "token (RAY_AUTH_MODE=token; the client gets RAY_AUTH_TOKEN)"}
+                "auth": "token (RAY_AUTH_MODE=token in every container; `ray job submit` gets "
+                        "RAY_AUTH_TOKEN, the job SDK an Authorization header)"}
             print(json.dumps(result["cluster"], indent=1), flush=True)
             with_token = cluster.ray("job", "list", "--address", cluster.dashboard)
             env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -346,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"job {run} ...", flush=True)
                 runs[run] = run_job(cluster, run, f"/config/{run}.yaml", shared / run, kill,
                                     args.timeout)
-                print(f"  {runs[run]}", flush=True)
+                print("  " + json.dumps({k: v for k, v in runs[run].items()
+                                         if k != "driver_log"}), flush=True)
         a, b = (shard_digests(shared / run) for run in ("undisturbed", "worker-killed"))
     result["runs"] = runs
     result["shards"] = len(a)
@@ -355,9 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     killed_at = runs["worker-killed"]["killed_at"] or {}
     result["recover_units"] = units
     result["killed_mid_stage"] = 0 < killed_at.get("recover_units_done", units) < units
+    result["node_loss_seen_by_ray"] = any("has been marked dead" in ln
+                                          for ln in runs["worker-killed"]["driver_log"])
+    result["compared_without"] = {"evaluate/*/metrics*.json": list(TIMED_KEYS)}
     result["differing"] = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))[:20]
-    result["ok"] = (result["same_bytes"] and result["killed_mid_stage"] and all(r["status"] == "SUCCEEDED"
-                                                 for r in runs.values())
+    result["node_loss_cost_seconds"] = round(
+        runs["worker-killed"]["seconds"] - runs["undisturbed"]["seconds"], 1)
+    result["machine"] = {"cores": os.cpu_count(),
+                         "load_average_1min": round(os.getloadavg()[0], 2)}
+    result["ok"] = (result["same_bytes"] and result["killed_mid_stage"]
+                    and result["node_loss_seen_by_ray"]
+                    and all(r["status"] == "SUCCEEDED" for r in runs.values())
                     and result["cluster"]["job_list_without_token_refused"])
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=2) + "\n")

@@ -116,6 +116,37 @@ def test_a_cluster_without_token_auth_is_refused(gpu_cluster_spec):
         pod(spec, "head", "h", "TOKEN")
 
 
+def _output_tree(root: Path, recover: bytes, seconds: float) -> Path:
+    """A stage output tree as the pipeline writes it: shards, sidecars, a report, timings."""
+    for rel, data in {
+            "recover/k1/images-b000-i0000.arrow": recover,
+            "recover/k1/images-b000-i0000.arrow.json": b'{"sha256": "x"}',
+            "recover/k1/timing.json": json.dumps({"seconds": seconds}).encode(),
+            "evaluate/k2/metrics.json": json.dumps(
+                {"student_top1": 30.5, "student_train_seconds": seconds}).encode(),
+            "evaluate/k2/metrics.sha256.json": json.dumps({"seconds": seconds}).encode(),
+            "runs/x/latest/manifest.json": json.dumps({"finished": seconds}).encode()}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_shard_digests_ignore_only_times(tmp_path):
+    """Two runs differing only in wall times compare equal; one differing shard does not."""
+    from benchmarks.container_cluster import shard_digests
+
+    a = shard_digests(_output_tree(tmp_path / "a", b"pixels", 1.0))
+    b = shard_digests(_output_tree(tmp_path / "b", b"pixels", 2.0))
+    c = shard_digests(_output_tree(tmp_path / "c", b"pixelz", 1.0))
+    assert a == b
+    assert set(a) == {"recover/k1/images-b000-i0000.arrow",
+                      "recover/k1/images-b000-i0000.arrow.json", "evaluate/k2/metrics.json"}
+    assert [k for k in a if a[k] != c[k]] == ["recover/k1/images-b000-i0000.arrow"]
+    (tmp_path / "b" / "evaluate/k2/metrics.json").write_text(
+        json.dumps({"student_top1": 30.0, "student_train_seconds": 1.0}))
+    assert shard_digests(tmp_path / "b") != a
+
+
 # --------------------------------------------------------------------------- the builds
 
 
