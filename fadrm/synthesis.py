@@ -27,15 +27,18 @@ from torch import nn
 from fadrm.amp import autocast, channels_last_models, grad_scaler, to_layout
 from fadrm.config import RecoverConfig
 from fadrm.data import pixel_bounds
+from fadrm.optim import adam
 
 __all__ = [
     "BNStatLoss",
     "RecoverResult",
     "augment",
+    "augment_axes",
     "channel_stats",
     "cosine_lr",
     "recover",
     "resample",
+    "sample_axes",
 ]
 
 _PROGRESS_EVERY = 10
@@ -234,23 +237,51 @@ def augment(
     randomness comes from the CPU ``generator``, so results do not depend on the device.
     """
     batch, _, height, width = x.shape
-    cx, cy, w, h = _crop_boxes(batch, height, width, crop_scale, generator)
-    sign = torch.ones(batch)
-    if flip:
-        sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
-    shifts = torch.zeros(batch, 2, dtype=torch.long)
-    if jitter > 0:
-        shifts = torch.randint(-jitter, jitter + 1, (batch, 2), generator=generator)
+    axes = augment_axes(batch, height, width, size, crop_scale, flip, jitter, generator, 1)
+    return sample_axes(x, axes[0].to(x.device, x.dtype))
 
+
+def augment_axes(
+    batch: int, height: int, width: int, size: int,
+    crop_scale: list[float] | tuple[float, float], flip: bool, jitter: int,
+    generator: torch.Generator, steps: int,
+) -> torch.Tensor:
+    """The sampling-grid axes of ``steps`` successive :func:`augment` calls, fp32 on the CPU,
+    ``[steps, 2, batch, size]`` (x then y): the same draws from ``generator``, in the same
+    order, and the same values as ``steps`` separate calls, so a loop can draw a whole stage
+    at once and move it to the device in one copy."""
+    if steps == 0:
+        return torch.zeros(0, 2, batch, size)
+    params = []
+    for _ in range(steps):
+        # One step's draws in augment's order (crop boxes, flip bits, shifts): drawing a
+        # whole stage in one call would reorder the generator's stream.
+        cx, cy, w, h = _crop_boxes(batch, height, width, crop_scale, generator)
+        sign = torch.ones(batch)
+        if flip:
+            sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
+        shifts = torch.zeros(batch, 2, dtype=torch.long)
+        if jitter > 0:
+            shifts = torch.randint(-jitter, jitter + 1, (batch, 2), generator=generator)
+        params.append(torch.stack([sign * w / width, 2 * cx / width - 1,
+                                   h / height, 2 * cy / height - 1]))
+        params.append(shifts.T)
+    scale_shift = torch.stack(params[0::2])  # [steps, 4, batch]
+    shifts = torch.stack(params[1::2])  # [steps, 2, batch]
     # The grid F.affine_grid would build for theta = [[sign*w/W, 0, tx], [0, h/H, ty]]: with
-    # no shear it is separable, so build its columns and rows ([B, size] each) directly.
-    # roll: out[i] = in[(i - shift) mod n], i.e. output pixel i samples grid position
-    # (i - shift) mod n.
-    index = (torch.arange(size)[None, :] - shifts[:, :, None]) % size  # [B, 2, size]
+    # no shear it is separable, so build its columns and rows ([size] each per sample)
+    # directly. roll: out[i] = in[(i - shift) mod n], i.e. output pixel i samples grid
+    # position (i - shift) mod n. Element-wise ops only: batching the steps changes no bit.
+    index = (torch.arange(size) - shifts[..., None]) % size  # [steps, 2, batch, size]
     centres = (2 * index + 1) / size - 1  # output pixel centres in [-1, 1]
-    gx = (sign * w / width)[:, None] * centres[:, 0] + (2 * cx / width - 1)[:, None]
-    gy = (h / height)[:, None] * centres[:, 1] + (2 * cy / height - 1)[:, None]
-    gx, gy = gx.to(x.device, x.dtype), gy.to(x.device, x.dtype)
+    return scale_shift[:, 0::2, :, None] * centres + scale_shift[:, 1::2, :, None]
+
+
+def sample_axes(x: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
+    """``grid_sample`` of ``x [B, C, H, W]`` on the separable grid ``axes [2, B, size]``
+    (from :func:`augment_axes`, already on ``x``'s device and dtype)."""
+    batch, size = axes.shape[1], axes.shape[2]
+    gx, gy = axes[0], axes[1]
     grid = torch.stack(
         [gx[:, None, :].expand(batch, size, size), gy[:, :, None].expand(batch, size, size)],
         dim=-1,
@@ -365,8 +396,12 @@ class _Loop:
     """Every iteration's loss, kept on the device (checked for finiteness now and then,
     so the loop does not wait for the device every iteration)."""
     progress: Callable[[int, int], None] | None
+    precision: str = "bf16"
     step: int = 0
     checked: int = 0
+    axes: torch.Tensor | None = None
+    """The current stage's augmentation grids ``[iterations, 2, B, size]`` on the device,
+    drawn when the stage starts (one host-to-device copy per stage, not per iteration)."""
 
 
 def recover(
@@ -382,6 +417,7 @@ def recover(
     progress: Callable[[int, int], None] | None = None,
     residual_source: torch.Tensor | None = None,
     on_stage_end: StageHook | None = None,
+    precision: str = "bf16",
 ) -> RecoverResult:
     """Optimise the pixels of ``init`` (normalised fp32 ``[B, C, H, W]``) for ``labels``.
 
@@ -390,7 +426,13 @@ def recover(
     ``residual_source`` is P for ARC (default: ``init``). ``on_stage_end(stage, before,
     after)`` is called at the end of every stage with detached copies of x before and after
     the residual step (equal tensors where no residual applies). Deterministic for a seed
-    on the CPU.
+    on the CPU. ``precision`` is the autocast dtype (:mod:`fadrm.amp`) when the method
+    uses mixed precision.
+
+    The steady state reads nothing from the device: the augmentation of a whole stage is
+    drawn at its start, Adam keeps its step count on the host (fused on CUDA, GradScaler
+    included), and the losses stay on the device, checked for finiteness every
+    ``_PROGRESS_EVERY`` iterations.
     """
     spec = cfg.spec
     _check_inputs(init, labels, mean, std)
@@ -413,8 +455,9 @@ def recover(
         nets = [_compiled(t) for t in teachers] if cfg.compile else list(teachers)
         loop = _Loop(cfg, nets, bn_losses, labels.to(device, torch.long),
                      tuple(b.to(device) for b in pixel_bounds(mean, std)),
-                     torch.Generator().manual_seed(seed), grad_scaler(device, spec.mixed_precision),
-                     device, total, torch.zeros(total, device=device), progress)
+                     torch.Generator().manual_seed(seed),
+                     grad_scaler(device, spec.mixed_precision, precision),
+                     device, total, torch.zeros(total, device=device), progress, precision)
         for stage, (resolution, iterations) in enumerate(stages):
             x = _run_stage(loop, x, resolution, iterations)
             following = stages[stage + 1][0] if stage + 1 < len(stages) else None
@@ -436,23 +479,28 @@ def _run_stage(loop: _Loop, x: torch.Tensor, resolution: int, iterations: int) -
     cosine schedule that spans all stages."""
     cfg = loop.cfg
     x = resample(x.detach(), resolution).clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
-    for _ in range(iterations):
-        _iteration(loop, x, opt, resolution)
+    opt = adam([x], loop.device, cfg.lr, (cfg.betas[0], cfg.betas[1]))
+    axes = augment_axes(x.shape[0], x.shape[2], x.shape[3], resolution, cfg.crop_scale,
+                        cfg.flip, cfg.jitter, loop.generator, iterations)
+    if loop.device.type == "cuda":
+        axes = axes.pin_memory()
+    loop.axes = axes.to(loop.device, x.dtype, non_blocking=True)
+    for i in range(iterations):
+        _iteration(loop, x, opt, loop.axes[i])
+    loop.axes = None
     return x
 
 
 def _iteration(loop: _Loop, x: torch.Tensor, opt: torch.optim.Optimizer,
-               resolution: int) -> None:
+               axes: torch.Tensor) -> None:
     """One step: augment, teacher ``step mod K`` (FADRM+ round-robin), CE + BN loss,
     Adam, clamp x to valid pixels."""
     cfg = loop.cfg
     for group in opt.param_groups:
         group["lr"] = cosine_lr(cfg.lr, loop.step, loop.total)
     k = loop.step % len(loop.nets)
-    view = augment(x, resolution, cfg.crop_scale, cfg.flip, cfg.jitter, loop.generator)
-    view = to_layout(view, cfg.channels_last)
-    with autocast(loop.device, cfg.spec.mixed_precision):
+    view = to_layout(sample_axes(x, axes), cfg.channels_last)
+    with autocast(loop.device, cfg.spec.mixed_precision, loop.precision):
         logits = loop.nets[k](view)
     loss = F.cross_entropy(logits.float(), loop.labels)
     if cfg.r_bn > 0 and loop.bn_losses[k].num_layers:

@@ -1,0 +1,172 @@
+"""GPU-first hot loops, proven on the CPU: no host syncs in the steady state of recover,
+relabel and the student, exact stage-wise augmentation draws, a sync-free Adam with
+torch's bytes, device-side view rendering equal to ``view_batch``, precision as a setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fadrm.student
+import fadrm.synthesis
+from benchmarks.host_syncs import OpCounter, _recover_run, _student_runs
+from fadrm.amp import autocast_dtype, grad_scaler
+from fadrm.config import RelabelConfig
+from fadrm.optim import HostStepAdam, adam
+from fadrm.relabel import make_views, view_batch
+from fadrm.render import EpochViews
+from fadrm.synthesis import augment, augment_axes
+
+CPU = torch.device("cpu")
+MEAN, STD = [0.5], [0.25]
+
+
+# --------------------------------------------------------------------------- host syncs
+
+
+def _syncs(fn, *args) -> tuple[int, object]:
+    counter = OpCounter()
+    with counter:
+        out = fn(*args)
+    return counter.syncs, out
+
+
+def test_counter_sees_item_and_bool():
+    counter = OpCounter()
+    t = torch.ones(3)
+    with counter:
+        t.sum().item()
+        bool(t.any())
+        (t > 0).nonzero()
+    assert counter.syncs == 3
+
+
+def test_recover_steady_state_reads_nothing_from_the_device(monkeypatch):
+    # Without the every-N finiteness checks, a longer run makes no more scalar reads.
+    monkeypatch.setattr(fadrm.synthesis, "_PROGRESS_EVERY", 10**9)
+    short, _ = _syncs(_recover_run(3))
+    long, _ = _syncs(_recover_run(9))
+    assert long - short == 0, (short, long)
+
+
+def test_recover_checks_finiteness_every_n_iterations(monkeypatch):
+    monkeypatch.setattr(fadrm.synthesis, "_PROGRESS_EVERY", 4)
+    short, _ = _syncs(_recover_run(4))  # 16 iterations: checks at 4, 8, 12, 16
+    long, _ = _syncs(_recover_run(8))  # 32 iterations: 8 checks
+    assert long - short == 4
+
+
+def test_relabel_and_student_read_only_per_epoch(monkeypatch):
+    monkeypatch.setattr(fadrm.student, "_CHECK_EVERY", 10**9)
+    counts = {}
+    for epochs in (1, 3):
+        relabel, student = _student_runs(epochs)
+        n_relabel, table = _syncs(relabel)
+        n_student, _ = _syncs(student, table)
+        counts[epochs] = (n_relabel, n_student)
+    # 5 stored batches per epoch: a per-batch read would add >= 10 over 2 epochs.
+    assert counts[3][0] - counts[1][0] == 0  # relabel: logits read with the shard's rows
+    # Student: the epoch-end finiteness check and the epoch's mean loss, 2 per epoch.
+    assert counts[3][1] - counts[1][1] == 2 * 2
+
+
+def test_student_raises_on_a_non_finite_loss_at_the_check():
+    relabel, student = _student_runs(1)
+    table = relabel()
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    # Poison one stored logit of batch 2 (rows 40..59 with batch size 20).
+    logits = table.column("logits").combine_chunks()
+    flat = logits.flatten().to_numpy(zero_copy_only=False).copy()
+    k = logits.type.list_size
+    flat[45 * k] = float("inf")
+    poisoned = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), k)
+    table = table.set_column(table.column_names.index("logits"), "logits", poisoned)
+    assert pc.sum(pc.is_inf(poisoned.flatten())).as_py() == 1
+    with pytest.raises(RuntimeError, match="non-finite student loss at epoch 0, batch 2"):
+        student(table)
+
+
+# --------------------------------------------------------------------------- exact pieces
+
+
+def test_stage_draws_equal_per_iteration_draws():
+    x = torch.randn(5, 3, 12, 12)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    axes = augment_axes(5, 12, 12, 10, [0.3, 1.0], True, 2, g1, 6)
+    for i in range(6):
+        one = augment(x, 10, [0.3, 1.0], True, 2, g2)
+        from fadrm.synthesis import sample_axes
+
+        assert torch.equal(sample_axes(x, axes[i]), one)
+    # The generator is left where six augment calls leave it.
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+@pytest.mark.parametrize("decoupled,wd", [(False, 0.0), (False, 0.1), (True, 0.01)])
+def test_host_step_adam_is_bit_identical_to_torch(decoupled, wd):
+    torch.manual_seed(0)
+    a = nn.Linear(7, 5)
+    b = nn.Linear(7, 5)
+    b.load_state_dict(a.state_dict())
+    groups = lambda m: [{"params": [m.weight], "weight_decay": wd},  # noqa: E731
+                        {"params": [m.bias], "weight_decay": 0.0}]
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    ref = cls(groups(a), lr=0.03, betas=(0.5, 0.9))
+    ours = HostStepAdam(groups(b), lr=0.03, betas=(0.5, 0.9), decoupled=decoupled)
+    for step in range(25):
+        x = torch.randn(4, 7)
+        for m, opt in ((a, ref), (b, ours)):
+            for g in opt.param_groups:
+                g["lr"] = 0.03 * (1 - step / 30)
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_adam_factory_picks_the_fused_kernel_on_cuda_only():
+    p = [nn.Parameter(torch.zeros(3))]
+    assert isinstance(adam(p, CPU, 0.1), HostStepAdam)
+    if torch.cuda.is_available():
+        q = [nn.Parameter(torch.zeros(3, device="cuda"))]
+        assert adam(q, torch.device("cuda"), 0.1).defaults["fused"] is True
+
+
+def test_epoch_views_render_equals_view_batch():
+    images = torch.randint(0, 256, (23, 3, 16, 16), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    cfg = RelabelConfig(batch_size=6, crop_scale=[0.2, 1.0])
+    views = make_views(3, 1, 23, cfg, 12)
+    batches = EpochViews(views, images, [0.4, 0.5, 0.6], [0.2, 0.3, 0.25], 12, CPU)
+    assert len(batches) == 4 and any(batches.mixes)
+    for b, rows in enumerate(views.batches()):
+        want = view_batch(images, rows, [0.4, 0.5, 0.6], [0.2, 0.3, 0.25], 12, CPU)
+        assert torch.equal(batches.render(b), want)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_precision_picks_the_autocast_dtype():
+    cuda = torch.device("cuda")
+    assert autocast_dtype(cuda, "bf16") == torch.bfloat16
+    assert autocast_dtype(cuda, "fp16") == torch.float16
+    assert autocast_dtype(cuda, "fp32") is None
+    assert autocast_dtype(cuda, "bf16", enabled=False) is None
+    # The CPU has no fast fp16: bf16 for both half precisions (its bytes of before).
+    assert autocast_dtype(CPU, "fp16") == autocast_dtype(CPU, "bf16") == torch.bfloat16
+    assert autocast_dtype(CPU, "fp32") is None
+    assert not grad_scaler(CPU, True, "fp16").is_enabled()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast_dtype(CPU, "fp8")
+
+
+def test_recover_precision_fp32_differs_from_bf16_and_fp16_equals_bf16_on_cpu():
+    a = _recover_run(2, "bf16")()
+    b = _recover_run(2, "fp16")()
+    c = _recover_run(2, "fp32")()
+    assert torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, c.images)
