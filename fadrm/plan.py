@@ -106,6 +106,7 @@ class RunPlan:
                 "teachers": [self._teacher_fp[i] for i in cfg.recover_teachers],
                 "ipc": cfg.ipc, "seed": cfg.seed, "data": self._data,
                 "block_size": self.block_size, "version": __version__, **self._threads(),
+                **self._precision(),
             }), method, cfg.recover)
         self.images_stage: Stage = self.recover or self.select  # type: ignore[assignment]
 
@@ -115,6 +116,7 @@ class RunPlan:
             "teachers": [[self._teacher_fp[i], cfg.teachers[i].ensemble_weight]
                          for i in cfg.relabel_teachers],
             "seed": cfg.seed, "data": self._data, "version": __version__, **self._threads(),
+            **self._precision(),
         }), cfg.relabel)
         student = dataclasses.asdict(cfg.student)
         if student["seeds"] is None:  # today's one student: today's keys
@@ -128,6 +130,7 @@ class RunPlan:
         if d.val_crop_ratio is not None:  # only when set: older configs keep their keys
             evaluate["val_crop_ratio"] = d.val_crop_ratio
         evaluate.update(self._ranks())
+        evaluate.update(self._precision())
         self.evaluate = EvaluateStage(self, StageKey("evaluate", evaluate), cfg.student)
 
     def _ranks(self) -> dict:
@@ -145,6 +148,13 @@ class RunPlan:
         select's did not). One thread, the default, adds nothing to the keys."""
         n = self.cfg.execution.threads_per_worker
         return {"threads": n} if n != 1 else {}
+
+    def _precision(self) -> dict:
+        """The hot loops' autocast dtype (recover, relabel, the student): keyed only when
+        not the default, so bf16 runs keep the keys they had before precision was a setting
+        (the CPU's bytes of before too)."""
+        precision = self.cfg.execution.precision
+        return {"precision": precision} if precision != "bf16" else {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -307,12 +317,15 @@ class RunPlan:
 def config_fingerprint(cfg: RunConfig) -> str:
     """12 hex digits of the resolved config: each config's report has its own folder.
     The ``evaluate`` section counts only when it asks for scores (off, it changes nothing),
-    ``student.seeds`` only when set (configs written before it keep their folders)."""
+    ``student.seeds`` only when set and ``execution.precision`` only when not bf16 (configs
+    written before them keep their folders)."""
     data = config_to_dict(cfg)
     if not cfg.evaluate.scores:
         data.pop("evaluate", None)
     if cfg.student.seeds is None:  # fields added later count only when set
         data["student"].pop("seeds", None)
+    if cfg.execution.precision == "bf16":
+        data["execution"].pop("precision", None)
     return digest(data, 12)
 
 

@@ -170,3 +170,25 @@ def test_recover_precision_fp32_differs_from_bf16_and_fp16_equals_bf16_on_cpu():
     c = _recover_run(2, "fp32")()
     assert torch.equal(a.images, b.images)
     assert not torch.equal(a.images, c.images)
+
+
+def test_precision_keys_only_when_not_bf16(fmnist_root, tmp_path):
+    from fadrm.config import load_config
+    from fadrm.plan import RunPlan
+    from tests.conftest import tiny_run_config
+
+    def plan(precision=None):
+        settings = tiny_run_config(tmp_path / "out", fmnist_root)
+        if precision is not None:
+            settings["execution"]["precision"] = precision
+        return RunPlan(load_config(settings))
+
+    default, bf16, fp16, fp32 = plan(), plan("bf16"), plan("fp16"), plan("fp32")
+    hot = ("recover", "relabel", "evaluate")
+    for name in hot:
+        assert "precision" not in getattr(bf16, name).key.components
+        assert getattr(default, name).key.key == getattr(bf16, name).key.key
+        assert getattr(fp16, name).key.components["precision"] == "fp16"
+        keys = {getattr(p, name).key.key for p in (bf16, fp16, fp32)}
+        assert len(keys) == 3, name
+    assert fp16.select.key.key == bf16.select.key.key  # selection runs no hot loop

@@ -65,7 +65,7 @@ class RecoverStage(Stage):
             init.to(ctx.device), torch.tensor(classes, device=ctx.device), state["teachers"],
             self.section, d.mean, d.std, d.resolution,
             seed=unit_seed(self.cfg.seed, self.name, unit), device=ctx.device,
-            progress=ctx.report,
+            progress=ctx.report, precision=self.cfg.execution.precision,
         )
         images = denormalize(result.images.cpu(), d.mean, d.std)
         ids = [c * self.cfg.ipc + index for c in classes]
