@@ -128,19 +128,24 @@ def _counted(fn, *args):
     return counter, out
 
 
-def recover_figures(short: int = 20, long: int = 40) -> dict:
+def recover_figures(short: int = 20, long: int = 40, repeats: int = 3) -> dict:
     """Scalar syncs, ATen ops and CPU seconds per steady-state recover iteration."""
     a, _ = _counted(_recover_run(short))
     b, _ = _counted(_recover_run(long))
     n = 4 * (long - short)
-    # Timing without the dispatch mode (it costs more than the ops on a CPU).
-    times = []
+    # Timing without the dispatch mode (it costs more than the ops on a CPU); process CPU
+    # time, median of repeats, so other processes on a shared machine count less.
+    times = {}
     for iters in (short, long):
         go = _recover_run(iters)
         go()  # warm-up (first-call allocations, oneDNN primitive caches)
-        start = time.perf_counter()
-        go()
-        times.append(time.perf_counter() - start)
+        runs = []
+        for _ in range(repeats):
+            start = time.process_time()
+            go()
+            runs.append(time.process_time() - start)
+        times[iters] = sorted(runs)[len(runs) // 2]
+    times = [times[short], times[long]]
     return {
         "scalar_syncs_per_iteration": (b.syncs - a.syncs) / n,
         "sync_ops": {k: (b.ops[k] - a.ops[k]) / n for k in set(b.sync_ops()) | set(a.sync_ops())},

@@ -4,6 +4,8 @@ torch's bytes, device-side view rendering equal to ``view_batch``, precision as 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -192,3 +194,66 @@ def test_precision_keys_only_when_not_bf16(fmnist_root, tmp_path):
         keys = {getattr(p, name).key.key for p in (bf16, fp16, fp32)}
         assert len(keys) == 3, name
     assert fp16.select.key.key == bf16.select.key.key  # selection runs no hot loop
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@contextlib.contextmanager
+def _sync_errors():
+    """Any host sync inside the block raises (CUDA's own detector)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def _strict(fn):
+    def wrapped(*args, **kwargs):
+        with _sync_errors():
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_steady_states_never_sync(monkeypatch, precision):
+    from fadrm.config import RecoverConfig, StudentConfig
+    from fadrm.data import ImageSet
+    from fadrm.models import create_model
+    from fadrm.relabel import relabel_epochs
+    from fadrm.student import train_student
+    from fadrm.synthesis import recover
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fadrm.synthesis, "_PROGRESS_EVERY", 10**9)
+    monkeypatch.setattr(fadrm.student, "_CHECK_EVERY", 10**9)
+    monkeypatch.setattr(fadrm.synthesis, "_iteration", _strict(fadrm.synthesis._iteration))
+    import fadrm.relabel
+    import fadrm.render
+
+    monkeypatch.setattr(fadrm.relabel, "_label_batch", _strict(fadrm.relabel._label_batch))
+    monkeypatch.setattr(fadrm.render.EpochViews, "render",
+                        _strict(fadrm.render.EpochViews.render))
+    monkeypatch.setattr(fadrm.student, "_train_step", _strict(fadrm.student._train_step))
+
+    torch.manual_seed(0)
+    teacher = create_model("convnet", 10, in_chans=1, image_size=28).to(cuda)
+    cfg = RecoverConfig(method="fadrm", resolutions=[28, 24], stage_iterations=[5, 5],
+                        lr=0.05, jitter=4)
+    init = torch.randn(10, 1, 28, 28, device=cuda)
+    res = recover(init, torch.arange(10, device=cuda), [teacher], cfg, MEAN, STD, 28, seed=1,
+                  device=cuda, precision=precision)
+    assert len(res.losses) == 10
+
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    table = relabel_epochs([teacher], images, MEAN, STD, RelabelConfig(batch_size=10),
+                           range(2), seed=0, device=cuda, precision=precision)
+    val = ImageSet(images[:10], torch.arange(10), [str(i) for i in range(10)])
+    student = create_model("convnet", 10, in_chans=1, image_size=28)
+    out = train_student(student, images, lambda e: table, val, StudentConfig(), 2, MEAN, STD,
+                        10, cuda, seed=0, precision=precision)
+    assert out["steps"] == 8
