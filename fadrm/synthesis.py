@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -118,9 +118,12 @@ class BNStatLoss:
     context manager or with :meth:`attach` / :meth:`remove`.
     """
 
-    def __init__(self, model: nn.Module, first_multiplier: float = 10.0):
+    def __init__(self, model: nn.Module, first_multiplier: float = 10.0, groups: int = 1):
         self.model = model
         self.first_multiplier = float(first_multiplier)
+        self.groups = groups
+        """Independent problems in one batch (``groups`` equal, contiguous parts): each
+        part's statistics are matched on their own and :meth:`loss` is per part ``[G]``."""
         # A BN layer without running statistics has no target to match: skipped.
         self.layers = [
             m for m in model.modules()
@@ -159,11 +162,20 @@ class BNStatLoss:
     def _hook(self, index: int) -> Callable:
         weight = self.first_multiplier if index == 0 else 1.0
 
-        def hook(module: nn.BatchNorm2d, inputs: tuple, _output: object) -> None:
-            mean_offset, var = channel_stats(inputs[0], module.running_mean)
+        def term_of(module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+            mean_offset, var = channel_stats(x, module.running_mean)
             term = torch.linalg.vector_norm(mean_offset)
             term = term + torch.linalg.vector_norm(var - module.running_var)
-            self._terms[index] = term * weight if weight != 1.0 else term
+            return term * weight if weight != 1.0 else term
+
+        def hook(module: nn.BatchNorm2d, inputs: tuple, _output: object) -> None:
+            if self.groups == 1:
+                self._terms[index] = term_of(module, inputs[0])
+                return
+            # A part of a batch along N is itself a batch in the same layout: each part's
+            # statistics are computed as they would be in a forward of that part alone.
+            parts = inputs[0].chunk(self.groups)
+            self._terms[index] = torch.stack([term_of(module, part) for part in parts])
 
         return hook
 
@@ -175,8 +187,10 @@ class BNStatLoss:
         """Sum of the weighted terms of the last forward; 0 for a teacher without BN."""
         terms = self.terms()
         if not terms:
-            return torch.zeros(())
-        return torch.stack(terms).sum()
+            return torch.zeros(() if self.groups == 1 else (self.groups,))
+        if self.groups == 1:
+            return torch.stack(terms).sum()
+        return torch.stack(terms).sum(0)
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -316,6 +330,8 @@ class RecoverResult:
     """Total loss of every iteration."""
     stage_resolutions: list[int] = field(default_factory=list)
     """Resolution actually used by each stage."""
+    group_losses: list[list[float]] = field(default_factory=list)
+    """Each group's loss of every iteration (one list without groups: ``losses``)."""
 
 
 StageHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -360,7 +376,7 @@ def _check_finite(log: torch.Tensor, start: int, stop: int) -> None:
     if not bool(torch.isfinite(chunk).all()):
         bad = start + int((~torch.isfinite(chunk)).nonzero()[0, 0])
         raise RuntimeError(
-            f"recover: non-finite loss {float(log[bad])} at iteration {bad}; "
+            f"recover: non-finite loss {float(log[bad].sum())} at iteration {bad}; "
             "try a lower recover.lr or disable mixed precision"
         )
 
@@ -388,7 +404,8 @@ class _Loop:
     bn_losses: list[BNStatLoss]
     labels: torch.Tensor
     bounds: tuple[torch.Tensor, torch.Tensor]
-    generator: torch.Generator
+    generators: list[torch.Generator]
+    """One per group (a group = one image per class, one unit's problem)."""
     scaler: torch.amp.GradScaler
     device: torch.device
     total: int
@@ -412,7 +429,7 @@ def recover(
     mean: list[float],
     std: list[float],
     image_size: int,
-    seed: int,
+    seed: int | Sequence[int],
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
     residual_source: torch.Tensor | None = None,
@@ -429,6 +446,14 @@ def recover(
     on the CPU. ``precision`` is the autocast dtype (:mod:`fadrm.amp`) when the method
     uses mixed precision.
 
+    Several problems in one forward (``recover.ipc_per_forward``): with ``seed`` a list of
+    G seeds, ``init`` holds G groups of ``B / G`` images (group-major), each optimised as
+    its own run with that seed would be: its own augmentation draws, its own BN-statistics
+    term, its own per-sample CE mean; Adam and the clamp are element-wise. The summed loss
+    gives each group the gradient of its own loss (up to float rounding of the larger
+    convolutions); ``losses`` holds the sums and ``group_losses`` each group's. The one
+    exception: with an fp16 GradScaler an overflow in one group skips the step for all.
+
     The steady state reads nothing from the device: the augmentation of a whole stage is
     drawn at its start, Adam keeps its step count on the host (fused on CUDA, GradScaler
     included), and the losses stay on the device, checked for finiteness every
@@ -436,6 +461,10 @@ def recover(
     """
     spec = cfg.spec
     _check_inputs(init, labels, mean, std)
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    groups = len(seeds)
+    if groups < 1 or init.shape[0] % groups:
+        raise ValueError(f"recover: {init.shape[0]} images do not split into {groups} groups")
     if not spec.optimize:
         return RecoverResult(images=init.detach().float().cpu().clone())
     if not teachers:
@@ -444,7 +473,7 @@ def recover(
     stages = _stages(cfg, image_size)
     total = sum(n for _, n in stages)
     source = (init if residual_source is None else residual_source).detach().to(device).float()
-    bn_losses = [BNStatLoss(t, cfg.first_bn_multiplier) for t in teachers]
+    bn_losses = [BNStatLoss(t, cfg.first_bn_multiplier, groups) for t in teachers]
     x = init.detach().to(device, torch.float32)
     with _frozen(teachers), channels_last_models(teachers, cfg.channels_last), \
             contextlib.ExitStack() as hooks:
@@ -455,9 +484,10 @@ def recover(
         nets = [_compiled(t) for t in teachers] if cfg.compile else list(teachers)
         loop = _Loop(cfg, nets, bn_losses, labels.to(device, torch.long),
                      tuple(b.to(device) for b in pixel_bounds(mean, std)),
-                     torch.Generator().manual_seed(seed),
-                     grad_scaler(device, spec.mixed_precision, precision),
-                     device, total, torch.zeros(total, device=device), progress, precision)
+                     [torch.Generator().manual_seed(s) for s in seeds],
+                     grad_scaler(device, spec.mixed_precision, precision), device, total,
+                     torch.zeros((total,) if groups == 1 else (total, groups), device=device),
+                     progress, precision)
         for stage, (resolution, iterations) in enumerate(stages):
             x = _run_stage(loop, x, resolution, iterations)
             following = stages[stage + 1][0] if stage + 1 < len(stages) else None
@@ -467,10 +497,12 @@ def recover(
     if progress is not None and total == 0:
         progress(0, 0)
     images = resample(x.detach(), image_size).float().cpu().clone()
+    log = loop.log.cpu()
     return RecoverResult(
         images=images,
-        losses=loop.log.cpu().tolist(),
+        losses=(log if groups == 1 else log.sum(1)).tolist(),
         stage_resolutions=[r for r, _ in stages],
+        group_losses=[log.tolist()] if groups == 1 else log.T.tolist(),
     )
 
 
@@ -480,8 +512,10 @@ def _run_stage(loop: _Loop, x: torch.Tensor, resolution: int, iterations: int) -
     cfg = loop.cfg
     x = resample(x.detach(), resolution).clone().requires_grad_(True)
     opt = adam([x], loop.device, cfg.lr, (cfg.betas[0], cfg.betas[1]))
-    axes = augment_axes(x.shape[0], x.shape[2], x.shape[3], resolution, cfg.crop_scale,
-                        cfg.flip, cfg.jitter, loop.generator, iterations)
+    per_group = x.shape[0] // len(loop.generators)
+    axes = torch.cat([augment_axes(per_group, x.shape[2], x.shape[3], resolution,
+                                   cfg.crop_scale, cfg.flip, cfg.jitter, g, iterations)
+                      for g in loop.generators], dim=2)
     if loop.device.type == "cuda":
         axes = axes.pin_memory()
     loop.axes = axes.to(loop.device, x.dtype, non_blocking=True)
@@ -502,11 +536,16 @@ def _iteration(loop: _Loop, x: torch.Tensor, opt: torch.optim.Optimizer,
     view = to_layout(sample_axes(x, axes), cfg.channels_last)
     with autocast(loop.device, cfg.spec.mixed_precision, loop.precision):
         logits = loop.nets[k](view)
-    loss = F.cross_entropy(logits.float(), loop.labels)
+    groups = len(loop.generators)
+    if groups == 1:
+        loss = F.cross_entropy(logits.float(), loop.labels)
+    else:  # each group's own CE mean
+        loss = F.cross_entropy(logits.float(), loop.labels, reduction="none")
+        loss = loss.view(groups, -1).mean(1)
     if cfg.r_bn > 0 and loop.bn_losses[k].num_layers:
         loss = loss + cfg.r_bn * loop.bn_losses[k].loss()
     opt.zero_grad(set_to_none=True)
-    loop.scaler.scale(loss).backward()
+    loop.scaler.scale(loss if groups == 1 else loss.sum()).backward()
     loop.scaler.step(opt)
     loop.scaler.update()
     with torch.no_grad():
