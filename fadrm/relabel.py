@@ -35,6 +35,7 @@ from fadrm.amp import autocast, channels_last_models, is_channels_last, to_layou
 from fadrm.config import RelabelConfig
 from fadrm.data import normalize
 from fadrm.formats.labels import Views, label_arrays, soft_label_schema, views_arrays
+from fadrm.ghost_bn import ghost_batch_norm
 from fadrm.render import EpochViews
 
 __all__ = [
@@ -335,6 +336,7 @@ def relabel_epochs(
     labels: torch.Tensor | None = None,
     num_classes: int | None = None,
     precision: str = "bf16",
+    batches_per_forward: int = 1,
 ) -> pa.Table:
     """Labels for ``epochs``: views + ensemble logits of uint8 ``images [N, C, H, W]``.
 
@@ -344,6 +346,9 @@ def relabel_epochs(
     With ``cfg.label_mode == 'hard'`` no teacher runs: the rows hold the views and each
     image's class from ``labels [N]`` (``num_classes`` is then required).
     ``precision``: the teachers' autocast dtype (:mod:`fadrm.amp`).
+    ``batches_per_forward``: stored batches labelled per teacher forward; with BN in
+    'train' mode each of their ``bn_splits`` parts keeps its own statistics (ghost batch
+    norm, :mod:`fadrm.ghost_bn`): the same labels up to float rounding. 1: as the reference.
 
     The images move to ``device`` once; each epoch's view parameters in one copy; the
     logits stay on the device until the epoch's rows are built, which is also when their
@@ -361,7 +366,7 @@ def relabel_epochs(
         t.to(device)
     with channels_last_models(teachers, channels_last):
         return _relabel_loop(teachers, images, mean, std, cfg, epochs, seed, device, weights,
-                             progress, mixed_precision, precision)
+                             progress, mixed_precision, precision, batches_per_forward)
 
 
 def _hard_label_rows(images, cfg, epochs, seed, labels, num_classes, progress) -> pa.Table:
@@ -387,7 +392,7 @@ def _hard_label_rows(images, cfg, epochs, seed, labels, num_classes, progress) -
 
 
 def _relabel_loop(teachers, images, mean, std, cfg, epochs, seed, device, weights, progress,
-                  mixed_precision, precision="bf16") -> pa.Table:
+                  mixed_precision, precision="bf16", batches_per_forward=1) -> pa.Table:
     out_size = images.shape[2]
     tables: list[pa.Table] = []
     schema: pa.Schema | None = None
@@ -395,8 +400,14 @@ def _relabel_loop(teachers, images, mean, std, cfg, epochs, seed, device, weight
     for done, epoch in enumerate(epochs):
         views = make_views(seed, epoch, images.shape[0], cfg, out_size)
         batches = EpochViews(views, on_device, mean, std, out_size, device)
-        logits = [_label_batch(teachers, batches.render(b), cfg, weights, device,
-                               mixed_precision, precision) for b in range(len(batches))]
+        if batches_per_forward == 1:
+            logits = [_label_batch(teachers, batches.render(b), cfg, weights, device,
+                                   mixed_precision, precision) for b in range(len(batches))]
+        else:
+            logits = [_label_batches(teachers, batches, range(lo, min(lo + batches_per_forward,
+                                                                       len(batches))),
+                                     cfg, weights, device, mixed_precision, precision)
+                      for lo in range(0, len(batches), batches_per_forward)]
         # The epoch's logits come to the host in one copy; finiteness is checked there.
         all_logits = torch.cat(logits).cpu()
         bad = np.flatnonzero(~torch.isfinite(all_logits).all(dim=1).numpy())
@@ -423,3 +434,18 @@ def _label_batch(teachers, x: torch.Tensor, cfg: RelabelConfig, weights, device,
     parts = [p for p in torch.tensor_split(x, min(splits, len(x))) if len(p)]
     return torch.cat([ensemble_logits(teachers, p, cfg.teacher_bn_mode, weights, device,
                                       mixed_precision, precision) for p in parts])
+
+
+def _label_batches(teachers, batches: EpochViews, which: range, cfg: RelabelConfig, weights,
+                   device, mixed_precision: bool, precision: str) -> torch.Tensor:
+    """:func:`_label_batch` of several stored batches in one forward per teacher: with BN in
+    train mode, ghost batch norm over the same parts ``_label_batch`` would make."""
+    xs = [batches.render(b) for b in which]
+    sizes: list[int] = []
+    for x in xs:
+        splits = cfg.bn_splits if cfg.teacher_bn_mode == "train" else 1
+        sizes += [len(p) for p in np.array_split(np.arange(len(x)), min(splits, len(x)))
+                  if len(p)]
+    with ghost_batch_norm(teachers, sizes):
+        return ensemble_logits(teachers, torch.cat(xs), cfg.teacher_bn_mode, weights, device,
+                               mixed_precision, precision)

@@ -324,3 +324,69 @@ def test_grouped_recover_rejects_an_uneven_split():
     with pytest.raises(ValueError, match="do not split into 3 groups"):
         recover(torch.zeros(10, 1, 28, 28), torch.arange(10), [nn.Identity()], cfg, MEAN, STD,
                 28, seed=[1, 2, 3], device=CPU)
+
+
+# --------------------------------------------------------------------------- ghost BN relabel
+
+
+def _bn_teachers():
+    from benchmarks.host_syncs import _teacher
+
+    return [_teacher(0), _teacher(1)]
+
+
+@pytest.mark.parametrize("bn_mode, splits", [("train", 2), ("train", 3), ("eval", 2)])
+def test_many_batches_per_forward_give_the_same_fp32_logits(bn_mode, splits):
+    from fadrm.relabel import _label_batch, _label_batches
+
+    images = torch.randint(0, 256, (47, 1, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    cfg = RelabelConfig(batch_size=10, teacher_bn_mode=bn_mode, bn_splits=splits)
+    views = make_views(1, 0, 47, cfg, 28)  # batches 10, 10, 10, 10, 7 (uneven parts)
+    batches = EpochViews(views, images, MEAN, STD, 28, CPU)
+    teachers = _bn_teachers()
+    one = torch.cat([_label_batch(teachers, batches.render(b), cfg, None, CPU, False)
+                     for b in range(len(batches))])
+    many = torch.cat([_label_batches(teachers, batches, r, cfg, None, CPU, False, "fp32")
+                      for r in (range(0, 3), range(3, 5))])
+    # fp32: the same per-part statistics; ghost BN reduces with var_mean instead of the
+    # batch-norm kernel and the convolutions see larger batches.
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+    for t in teachers:  # BN forwards restored
+        assert all("forward" not in m.__dict__ for m in t.modules())
+
+
+def test_ghost_batch_norm_equals_batch_norm_per_part_and_rejects_bad_parts():
+    from fadrm.ghost_bn import ghost_batch_norm
+
+    bn = nn.BatchNorm2d(3, track_running_stats=False)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(9, 3, 5, 5)
+    want = torch.cat([bn(p) for p in x.split([4, 5])])
+    with ghost_batch_norm([bn], [4, 5]):
+        got = bn(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with ghost_batch_norm([bn], [3, 3, 3]):
+        got = bn(x)
+        with pytest.raises(ValueError, match="do not add up"):
+            bn(x[:8])
+    torch.testing.assert_close(got, torch.cat([bn(p) for p in x.split(3)]), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_relabel_epochs_with_batches_per_forward_stores_the_same_rows():
+    from fadrm.relabel import relabel_epochs, soft_targets
+
+    images = torch.randint(0, 256, (47, 1, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    cfg = RelabelConfig(batch_size=10, bn_splits=2)
+    kw = dict(seed=3, device=CPU, mixed_precision=False)
+    a = relabel_epochs(_bn_teachers(), images, MEAN, STD, cfg, range(2), **kw)
+    b = relabel_epochs(_bn_teachers(), images, MEAN, STD, cfg, range(2),
+                       batches_per_forward=4, **kw)
+    assert a.drop(["logits"]).equals(b.drop(["logits"]))  # the same views
+    # Stored fp16: at most a rounding step apart.
+    torch.testing.assert_close(soft_targets(b, 10), soft_targets(a, 10), rtol=2e-3,
+                               atol=2e-3)
