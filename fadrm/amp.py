@@ -60,6 +60,14 @@ def grad_scaler(device: torch.device, enabled: bool = True,
     return torch.amp.GradScaler(device.type, enabled=active)
 
 
+def tune_for_fixed_shapes(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its algorithms once per input shape and keep the fastest
+    (the hot loops' shapes are fixed per MRO stage, relabel batch and micro-batch). The
+    choice may differ between processes, as float rounding on a GPU already may."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

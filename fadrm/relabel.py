@@ -31,7 +31,13 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from fadrm.amp import autocast, channels_last_models, is_channels_last, to_layout
+from fadrm.amp import (
+    autocast,
+    channels_last_models,
+    is_channels_last,
+    to_layout,
+    tune_for_fixed_shapes,
+)
 from fadrm.config import RelabelConfig
 from fadrm.data import normalize
 from fadrm.formats.labels import Views, label_arrays, soft_label_schema, views_arrays
@@ -362,6 +368,7 @@ def relabel_epochs(
     epochs = list(epochs)
     if cfg.label_mode == "hard":
         return _hard_label_rows(images, cfg, epochs, seed, labels, num_classes, progress)
+    tune_for_fixed_shapes(device)
     for t in teachers:
         t.to(device)
     with channels_last_models(teachers, channels_last):

@@ -34,7 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fadrm.amp import LEGACY_PRECISION, autocast, grad_scaler, to_layout
+from fadrm.amp import (
+    LEGACY_PRECISION,
+    autocast,
+    grad_scaler,
+    to_layout,
+    tune_for_fixed_shapes,
+)
 from fadrm.config import StudentConfig
 from fadrm.data import ImageSet
 from fadrm.formats.labels import LabelRows
@@ -182,6 +188,7 @@ def train_student(
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} "
                          f"{tuple(images.shape)}")
+    tune_for_fixed_shapes(device)
     start_time = time.perf_counter()
     run = _set_up(model, images, cfg, mean, std, num_classes, device, seed, precision)
     history: list[dict] = []

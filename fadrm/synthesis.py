@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fadrm.amp import autocast, channels_last_models, grad_scaler, to_layout
+from fadrm.amp import (
+    autocast,
+    channels_last_models,
+    grad_scaler,
+    to_layout,
+    tune_for_fixed_shapes,
+)
 from fadrm.config import RecoverConfig
 from fadrm.data import pixel_bounds
 from fadrm.optim import adam
@@ -357,7 +363,9 @@ def _compiled(model: nn.Module) -> nn.Module:
     """``torch.compile(model)``, cached on the module so units of a worker compile once."""
     compiled = getattr(model, "_fadrm_compiled", None)
     if compiled is None:
-        compiled = torch.compile(model)
+        # dynamic=False: one graph per input shape (one per MRO resolution), no symbolic
+        # shapes; the shapes of a recover loop are fixed within a stage.
+        compiled = torch.compile(model, dynamic=False)
         # object.__setattr__: not registered as a submodule (state_dict stays unchanged).
         object.__setattr__(model, "_fadrm_compiled", compiled)
     return compiled
@@ -470,6 +478,7 @@ def recover(
     if not teachers:
         raise ValueError(f"recover: method {cfg.method!r} needs at least one teacher")
 
+    tune_for_fixed_shapes(device)
     stages = _stages(cfg, image_size)
     total = sum(n for _, n in stages)
     source = (init if residual_source is None else residual_source).detach().to(device).float()

@@ -390,3 +390,39 @@ def test_relabel_epochs_with_batches_per_forward_stores_the_same_rows():
     # Stored fp16: at most a rounding step apart.
     torch.testing.assert_close(soft_targets(b, 10), soft_targets(a, 10), rtol=2e-3,
                                atol=2e-3)
+
+
+# --------------------------------------------------------------------------- fixed shapes
+
+
+def test_cudnn_benchmark_only_for_cuda(monkeypatch):
+    from fadrm.amp import tune_for_fixed_shapes
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    tune_for_fixed_shapes(CPU)
+    assert torch.backends.cudnn.benchmark is False
+    tune_for_fixed_shapes(torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.slow  # inductor compiles two graphs: ~2 minutes on a 2-core CPU
+def test_compiled_recover_equals_eager():
+    import dataclasses
+
+    from fadrm.config import RecoverConfig
+    from fadrm.synthesis import recover
+
+    from benchmarks.host_syncs import MEAN as M, STD as S, _teacher
+
+    cfg = RecoverConfig(method="fadrm", resolutions=[28, 24], stage_iterations=[3, 3],
+                        lr=0.05, jitter=4, crop_scale=[0.5, 1.0])
+    init = (torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(0)) - M[0]) / S[0]
+    out = {}
+    for compiled in (False, True):
+        c = dataclasses.replace(cfg, compile=compiled)
+        out[compiled] = recover(init, torch.arange(10), [_teacher(0)], c, M, S, 28, seed=1,
+                                device=CPU, precision="fp32")
+    # fp32, 6 iterations at two resolutions (one graph each, dynamic=False): 6e-7 measured.
+    torch.testing.assert_close(out[True].images, out[False].images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(out[True].losses), torch.tensor(out[False].losses),
+                               rtol=1e-5, atol=0)
