@@ -426,3 +426,14 @@ def test_compiled_recover_equals_eager():
     torch.testing.assert_close(out[True].images, out[False].images, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(out[True].losses), torch.tensor(out[False].losses),
                                rtol=1e-5, atol=0)
+
+
+def test_projection_reads_the_gpu_checks_recover_figure():
+    from benchmarks.projection import measured_recover_s
+
+    assert measured_recover_s({"figures": {"recover_s_per_image": 0.05}}) == 0.05
+    part = {"parts": {"speed.recover": {"result": {"seconds_per_image": 0.07}}}}
+    assert measured_recover_s(part) == 0.07
+    # The key the projection used to read: no longer silently ignored.
+    with pytest.raises(SystemExit, match="no recover seconds per image"):
+        measured_recover_s({"recover": {"seconds_per_image": 0.1}, "figures": {}})
