@@ -76,20 +76,21 @@ def _teacher(seed: int = 0) -> torch.nn.Module:
 MEAN, STD = [0.2860], [0.3530]
 
 
-def _recover_run(iterations: int, precision: str = "bf16"):
+def _recover_run(iterations: int, precision: str = "bf16", groups: int = 1):
     from fadrm.config import RecoverConfig
     from fadrm.synthesis import recover
 
     cfg = RecoverConfig(method="fadrm", resolutions=[28] * 4, stage_iterations=[iterations] * 4,
                         lr=0.05, jitter=4, crop_scale=[0.5, 1.0])
-    init = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    init = torch.rand(10 * groups, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     init = (init - MEAN[0]) / STD[0]
-    labels = torch.arange(10)
+    labels = torch.arange(10).repeat(groups)
+    seed = 3 if groups == 1 else list(range(3, 3 + groups))
     teacher = _teacher()
     cpu = torch.device("cpu")
 
     def go():
-        return recover(init, labels, [teacher], cfg, MEAN, STD, 28, seed=3, device=cpu,
+        return recover(init, labels, [teacher], cfg, MEAN, STD, 28, seed=seed, device=cpu,
                        precision=precision)
     return go
 
@@ -154,6 +155,17 @@ def recover_figures(short: int = 20, long: int = 40, repeats: int = 3) -> dict:
     }
 
 
+def grouped_recover_figures(groups: int = 4, short: int = 5, long: int = 10) -> dict:
+    """ATen ops and scalar syncs per problem-iteration when ``groups`` problems (IPC
+    indices of a class block) share one forward (``recover(seed=[...])``)."""
+    a, _ = _counted(_recover_run(short, groups=groups))
+    b, _ = _counted(_recover_run(long, groups=groups))
+    n = 4 * (long - short)
+    return {"groups": groups,
+            "aten_ops_per_problem_iteration": (b.total - a.total) / n / groups,
+            "scalar_syncs_per_iteration": (b.syncs - a.syncs) / n}
+
+
 def student_figures(short: int = 2, long: int = 4) -> dict:
     """Scalar syncs per stored relabel + student batch (relabel and student each)."""
     out = {}
@@ -180,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    figures = {"recover": recover_figures(), "relabel_student": student_figures(),
+    figures = {"recover": recover_figures(), "recover_grouped": grouped_recover_figures(),
+               "relabel_student": student_figures(),
                "setting": "demo: convnet 28 px, 1 channel, 10 classes, IPC 10, CPU, 1 thread"}
     text = json.dumps(figures, indent=2, sort_keys=True)
     print(text)

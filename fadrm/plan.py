@@ -110,8 +110,11 @@ class RunPlan:
             }), method, cfg.recover)
         self.images_stage: Stage = self.recover or self.select  # type: ignore[assignment]
 
+        relabel_cfg = dataclasses.asdict(cfg.relabel)
+        if relabel_cfg["batches_per_forward"] == 1:  # today's labels: today's key
+            relabel_cfg.pop("batches_per_forward")
         self.relabel = RelabelStage(self, StageKey("relabel", {
-            "relabel": dataclasses.asdict(cfg.relabel),
+            "relabel": relabel_cfg,
             "images": self.images_stage.key.key,
             "teachers": [[self._teacher_fp[i], cfg.teachers[i].ensemble_weight]
                          for i in cfg.relabel_teachers],
@@ -317,8 +320,9 @@ class RunPlan:
 def config_fingerprint(cfg: RunConfig) -> str:
     """12 hex digits of the resolved config: each config's report has its own folder.
     The ``evaluate`` section counts only when it asks for scores (off, it changes nothing),
-    ``student.seeds`` only when set and ``execution.precision`` only when not bf16 (configs
-    written before them keep their folders)."""
+    ``student.seeds`` only when set, ``execution.precision`` only when not bf16 and
+    ``relabel.batches_per_forward`` only when not 1 (configs written before them keep their
+    folders)."""
     data = config_to_dict(cfg)
     if not cfg.evaluate.scores:
         data.pop("evaluate", None)
@@ -326,6 +330,8 @@ def config_fingerprint(cfg: RunConfig) -> str:
         data["student"].pop("seeds", None)
     if cfg.execution.precision == "bf16":
         data["execution"].pop("precision", None)
+    if cfg.relabel.batches_per_forward == 1:
+        data["relabel"].pop("batches_per_forward", None)
     return digest(data, 12)
 
 

@@ -377,7 +377,8 @@ def test_ghost_batch_norm_equals_batch_norm_per_part_and_rejects_bad_parts():
 
 
 def test_relabel_epochs_with_batches_per_forward_stores_the_same_rows():
-    from fadrm.relabel import relabel_epochs, soft_targets
+    from fadrm.formats.labels import soft_targets
+    from fadrm.relabel import relabel_epochs
 
     images = torch.randint(0, 256, (47, 1, 28, 28), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(1))
@@ -437,3 +438,24 @@ def test_projection_reads_the_gpu_checks_recover_figure():
     # The key the projection used to read: no longer silently ignored.
     with pytest.raises(SystemExit, match="no recover seconds per image"):
         measured_recover_s({"recover": {"seconds_per_image": 0.1}, "figures": {}})
+
+
+def test_relabel_batches_per_forward_keyed_only_when_not_1(fmnist_root, tmp_path):
+    from fadrm.config import ConfigError, load_config
+    from fadrm.plan import RunPlan
+    from tests.conftest import tiny_run_config
+
+    def plan(k=None):
+        settings = tiny_run_config(tmp_path / "out", fmnist_root)
+        if k is not None:
+            settings["relabel"]["batches_per_forward"] = k
+        return RunPlan(load_config(settings))
+
+    default, one, many = plan(), plan(1), plan(8)
+    assert "batches_per_forward" not in one.relabel.key.components["relabel"]
+    assert default.relabel.key.key == one.relabel.key.key
+    assert many.relabel.key.components["relabel"]["batches_per_forward"] == 8
+    assert many.relabel.key.key != one.relabel.key.key
+    assert many.evaluate.key.key != one.evaluate.key.key
+    with pytest.raises(ConfigError, match=r"^relabel.batches_per_forward:"):
+        plan(0)

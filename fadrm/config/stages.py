@@ -168,6 +168,10 @@ class RelabelConfig:
     epochs_per_shard: int = 50
     """Work unit size: epochs per soft-label shard (relabel units = epochs / this; the
     labels do not depend on it, only how many workers relabel can use)."""
+    batches_per_forward: int = 1
+    """Stored batches labelled per teacher forward (GPU throughput). With teacher_bn_mode
+    'train' each bn_splits part keeps its own BN statistics (ghost batch norm): the same
+    labels up to float rounding, so a value other than 1 is part of the stage key."""
 
     def validate(self, p: str) -> None:
         _positive(self.epochs, f"{p}.epochs")
@@ -186,6 +190,7 @@ class RelabelConfig:
             raise ConfigError(f"{p}.top_k", "applies to soft labels only; use 0 with "
                               "label_mode 'hard'")
         _positive(self.epochs_per_shard, f"{p}.epochs_per_shard")
+        _positive(self.batches_per_forward, f"{p}.batches_per_forward")
 
 
 @dataclass(kw_only=True)

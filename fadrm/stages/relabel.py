@@ -56,5 +56,6 @@ class RelabelStage(Stage):
             seed=unit_seed(self.cfg.seed, self.name, "views"), device=ctx.device,
             weights=weights, progress=ctx.report, labels=labels,
             num_classes=self.plan.num_classes, precision=self.cfg.execution.precision,
+            batches_per_forward=self.section.batches_per_forward,
         )
         shards.write_table(self.unit_uri(unit), table)
