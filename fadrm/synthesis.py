@@ -193,7 +193,11 @@ class BNStatLoss:
         """Sum of the weighted terms of the last forward; 0 for a teacher without BN."""
         terms = self.terms()
         if not terms:
-            return torch.zeros(() if self.groups == 1 else (self.groups,))
+            if self.groups == 1:
+                return torch.zeros(())
+            # Per group: a [G] tensor must live on the model's device to be added.
+            device = next((p.device for p in self.model.parameters()), None)
+            return torch.zeros(self.groups, device=device)
         if self.groups == 1:
             return torch.stack(terms).sum()
         return torch.stack(terms).sum(0)
