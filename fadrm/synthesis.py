@@ -206,26 +206,25 @@ class BNStatLoss:
 # --------------------------------------------------------------------------- augmentation
 
 
-def _crop_boxes(
-    batch: int, height: int, width: int, scale: list[float] | tuple[float, float],
-    generator: torch.Generator,
+def _boxes_from(
+    u_area: torch.Tensor, u_ratio: torch.Tensor, offsets: torch.Tensor, height: int,
+    width: int, scale: list[float] | tuple[float, float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample RandomResizedCrop boxes (torchvision's rule, continuous sizes).
+    """Per-sample RandomResizedCrop boxes (torchvision's rule, continuous sizes) from their
+    uniform draws ``[..., 10]`` (area), ``[..., 10]`` (ratio), ``[..., 2]`` (offset).
 
-    Returns centre x, centre y, width, height in pixels, each ``[batch]``. Ten attempts per
+    Returns centre x, centre y, width, height in pixels, each ``[...]``. Ten attempts per
     sample; the first that fits wins; if none fits, the whole image (ratio-clamped) is used.
-    """
+    Element-wise along the leading dimensions, so many steps' boxes come from one call."""
     lo, hi = float(scale[0]), float(scale[1])
-    shape = (batch, _CROP_ATTEMPTS)
-    area = height * width * (lo + (hi - lo) * torch.rand(shape, generator=generator))
-    ratio = torch.exp(_LOG_RATIO[0] + (_LOG_RATIO[1] - _LOG_RATIO[0])
-                      * torch.rand(shape, generator=generator))
+    area = height * width * (lo + (hi - lo) * u_area)
+    ratio = torch.exp(_LOG_RATIO[0] + (_LOG_RATIO[1] - _LOG_RATIO[0]) * u_ratio)
     w = torch.sqrt(area * ratio)
     h = torch.sqrt(area / ratio)
     fits = (w <= width) & (h <= height)
-    first = fits.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
+    first = fits.int().argmax(dim=-1, keepdim=True)  # argmax returns the first maximum
+    w = w.gather(-1, first).squeeze(-1)
+    h = h.gather(-1, first).squeeze(-1)
 
     in_ratio = width / height
     if in_ratio < 3 / 4:
@@ -234,13 +233,12 @@ def _crop_boxes(
         full_w, full_h = height * (4 / 3), float(height)
     else:
         full_w, full_h = float(width), float(height)
-    any_fit = fits.any(dim=1)
+    any_fit = fits.any(dim=-1)
     w = torch.where(any_fit, w, torch.full_like(w, full_w))
     h = torch.where(any_fit, h, torch.full_like(h, full_h))
 
-    offsets = torch.rand(batch, 2, generator=generator)
-    cx = offsets[:, 0] * (width - w) + w / 2
-    cy = offsets[:, 1] * (height - h) + h / 2
+    cx = offsets[..., 0] * (width - w) + w / 2
+    cy = offsets[..., 1] * (height - h) + h / 2
     return cx, cy, w, h
 
 
@@ -276,22 +274,26 @@ def augment_axes(
     at once and move it to the device in one copy."""
     if steps == 0:
         return torch.zeros(0, 2, batch, size)
-    params = []
+    u_area, u_ratio, u_offsets, u_flip, shifts = [], [], [], [], []
     for _ in range(steps):
         # One step's draws in augment's order (crop boxes, flip bits, shifts): drawing a
-        # whole stage in one call would reorder the generator's stream.
-        cx, cy, w, h = _crop_boxes(batch, height, width, crop_scale, generator)
-        sign = torch.ones(batch)
+        # whole stage per call would reorder the generator's stream. The arithmetic on
+        # them is element-wise, so it runs once for the stage.
+        u_area.append(torch.rand(batch, _CROP_ATTEMPTS, generator=generator))
+        u_ratio.append(torch.rand(batch, _CROP_ATTEMPTS, generator=generator))
+        u_offsets.append(torch.rand(batch, 2, generator=generator))
         if flip:
-            sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
-        shifts = torch.zeros(batch, 2, dtype=torch.long)
+            u_flip.append(torch.rand(batch, generator=generator))
         if jitter > 0:
-            shifts = torch.randint(-jitter, jitter + 1, (batch, 2), generator=generator)
-        params.append(torch.stack([sign * w / width, 2 * cx / width - 1,
-                                   h / height, 2 * cy / height - 1]))
-        params.append(shifts.T)
-    scale_shift = torch.stack(params[0::2])  # [steps, 4, batch]
-    shifts = torch.stack(params[1::2])  # [steps, 2, batch]
+            shifts.append(torch.randint(-jitter, jitter + 1, (batch, 2), generator=generator))
+    cx, cy, w, h = _boxes_from(torch.stack(u_area), torch.stack(u_ratio),
+                               torch.stack(u_offsets), height, width, crop_scale)
+    sign = (torch.where(torch.stack(u_flip) < 0.5, -1.0, 1.0) if flip
+            else torch.ones(steps, batch))
+    shifts = (torch.stack(shifts).transpose(1, 2) if jitter > 0
+              else torch.zeros(steps, 2, batch, dtype=torch.long))  # [steps, 2, batch]
+    scale_shift = torch.stack([sign * w / width, 2 * cx / width - 1,
+                               h / height, 2 * cy / height - 1], dim=1)  # [steps, 4, batch]
     # The grid F.affine_grid would build for theta = [[sign*w/W, 0, tx], [0, h/H, ty]]: with
     # no shear it is separable, so build its columns and rows ([size] each per sample)
     # directly. roll: out[i] = in[(i - shift) mod n], i.e. output pixel i samples grid
