@@ -100,6 +100,8 @@ class RunPlan:
         if method.optimize:
             recover_cfg = dataclasses.asdict(cfg.recover)
             recover_cfg.pop("allow_no_bn")  # a permission, not an input: same bytes either way
+            if recover_cfg["ipc_per_forward"] == 1:  # one index per forward: today's key
+                recover_cfg.pop("ipc_per_forward")
             self.recover = RecoverStage(self, StageKey("recover", {
                 "recover": recover_cfg,
                 "init": self.select.key.key if self.select else "noise",
@@ -321,8 +323,8 @@ def config_fingerprint(cfg: RunConfig) -> str:
     """12 hex digits of the resolved config: each config's report has its own folder.
     The ``evaluate`` section counts only when it asks for scores (off, it changes nothing),
     ``student.seeds`` only when set, ``execution.precision`` only when not bf16 and
-    ``relabel.batches_per_forward`` only when not 1 (configs written before them keep their
-    folders)."""
+    ``relabel.batches_per_forward`` / ``recover.ipc_per_forward`` only when not 1 (configs
+    written before them keep their folders)."""
     data = config_to_dict(cfg)
     if not cfg.evaluate.scores:
         data.pop("evaluate", None)
@@ -332,6 +334,8 @@ def config_fingerprint(cfg: RunConfig) -> str:
         data["execution"].pop("precision", None)
     if cfg.relabel.batches_per_forward == 1:
         data["relabel"].pop("batches_per_forward", None)
+    if cfg.recover.ipc_per_forward == 1:
+        data["recover"].pop("ipc_per_forward", None)
     return digest(data, 12)
 
 

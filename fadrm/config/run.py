@@ -146,6 +146,9 @@ class RunConfig:
                 f"{len(self.teachers)} teachers",
             )
         self.recover.validate("recover")
+        if self.recover.ipc_per_forward > self.ipc:
+            raise ConfigError("recover.ipc_per_forward",
+                              f"must be <= ipc ({self.ipc}), got {self.recover.ipc_per_forward}")
         self.relabel.validate("relabel")
         self.student.validate("student")
         self.evaluate.validate("evaluate")

@@ -99,6 +99,12 @@ class RecoverConfig:
     compile: bool = False
     """torch.compile the teachers' forward (off: on a 2-core CPU compiling costs minutes
     and did not pay for itself, see benchmarks/README.md)."""
+    ipc_per_forward: int = 1
+    """IPC indices of a class block optimised together, in one forward per iteration (GPU
+    throughput: more images per kernel launch). Each index keeps its own seed, augmentation
+    draws, BN-statistics term and cross-entropy mean, so the images are the one-at-a-time
+    ones up to float rounding; a recover unit then holds that many indices (one shard).
+    Part of the recover key when not 1. At most ``ipc``."""
 
     @property
     def spec(self) -> Method:
@@ -139,6 +145,7 @@ class RecoverConfig:
         _scale_range(self.crop_scale, f"{p}.crop_scale")
         if self.class_block_size < 0:
             raise ConfigError(f"{p}.class_block_size", "must be >= 0")
+        _positive(self.ipc_per_forward, f"{p}.ipc_per_forward")
 
 
 @dataclass(kw_only=True)
