@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu.common import BLOCKED_MODULES
+from benchmarks.gpu.compare import params_of, state_of
 from benchmarks.gpu.environment import arch_support
-from benchmarks.gpu.report import SCHEMA
+from benchmarks.gpu.report import SCHEMA, student_batch_words
+from benchmarks.gpu_check import SUMMARY_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCKED_RUN = (
@@ -53,6 +55,13 @@ def test_cpu_half_passes_without_cuda_and_without_ray(tmp_path):
             "speed.recover"} <= skipped
     assert all(parts[n]["reason"].startswith("no CUDA GPU") for n in skipped)
     assert (out / "gpu_check.log").read_text().count("cpu.ray_free_run") >= 1
+    # The results reach stdout too: the last line is the summary as one line of JSON.
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(SUMMARY_PREFIX)
+    summary = json.loads(last[len(SUMMARY_PREFIX):])
+    assert summary["ok"] is True and summary["exit_code"] == 0
+    assert summary["parts"] == {n: p["status"] for n, p in parts.items()}
+    assert summary["figures"] == report["figures"]
 
 
 def test_watchdog_leaves_a_valid_report_and_fails(tmp_path):
@@ -77,3 +86,26 @@ def test_arch_support(capability, arch_list, supported):
     assert ok is supported, reason
     if not ok:
         assert f"sm_{capability[0]}{capability[1]}" in reason and arch_list[0] in reason
+
+
+def test_student_batch_reads_as_micro_batches_not_a_product():
+    words = student_batch_words({"batch": 16, "accumulation_steps": 2})
+    assert words == "stored batch 16 as 2 micro-batches of 8"
+    assert "x" not in words
+    assert student_batch_words({"batch": 10, "accumulation_steps": 1}) == (
+        "stored batch 10 in one micro-batch")
+    assert student_batch_words({"batch": 10, "accumulation_steps": 3}) == (
+        "stored batch 10 as 3 micro-batches of 4 or fewer")
+
+
+def test_weights_moved_counts_parameters_not_bn_buffers():
+    # A train-mode forward without any optimiser step: the BN buffers move, the parameters
+    # do not, so the fp16 "weights moved" checks must look at the parameters only.
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    before_params, before_state = params_of(net), state_of(net)
+    net.train()(torch.randn(2, 3, 8, 8))
+    assert all(torch.equal(before_params[k], v) for k, v in params_of(net).items())
+    assert not all(torch.equal(before_state[k], v) for k, v in state_of(net).items())
+    assert set(params_of(net)) == {n for n, _ in net.named_parameters()}

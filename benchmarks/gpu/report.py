@@ -127,8 +127,7 @@ def summary_table(report: Report) -> str:
     f = report.data["figures"]
     if report.data["device"] and any(f.get(k) is not None for k in _MEASURED):
         student = (report.parts.get("speed.student") or {}).get("result") or {}
-        at = (f"batch {student['batch']} x {student['accumulation_steps']}"
-              if student else "preset batch")
+        at = student_batch_words(student) if student else "preset batch"
         lines += ["", "figure                                  value",
                   f"recover s/image (preset, extrapolated)  "
                   f"{_fmt(f.get('recover_s_per_image'))}   (paper: {PAPER_S_PER_IMAGE} s on "
@@ -141,10 +140,38 @@ def summary_table(report: Report) -> str:
                   f"{_fmt(f.get('matmul_peak_tflops'))}",
                   f"relabel images/s                        "
                   f"{_fmt(f.get('relabel_images_per_s'))}",
-                  f"student images/s ({at})".ljust(40) + _fmt(f.get("student_images_per_s")),
+                  f"student images/s                        "
+                  f"{_fmt(f.get('student_images_per_s'))}   ({at})",
                   f"whole pipeline on the device, s         "
                   f"{_fmt(f.get('pipeline_seconds'), '.1f')}"]
     return "\n".join(lines)
+
+
+def student_batch_words(result: dict) -> str:
+    """The student's step as it runs: one stored batch as micro-batches (the BN batch), e.g.
+    "stored batch 16 as 2 micro-batches of 8" (not "16 x 2", which reads as 32 images)."""
+    batch, steps = result["batch"], result["accumulation_steps"]
+    parts = min(steps, batch)
+    size = -(-batch // parts)
+    if parts == 1:
+        return f"stored batch {batch} in one micro-batch"
+    return f"stored batch {batch} as {parts} micro-batches of {size}" + (
+        "" if batch % parts == 0 else " or fewer")
+
+
+def summary_json(report: Report) -> dict:
+    """What the end of the run prints on stdout as one JSON line (the figures and each
+    part's status), so a job whose working directory is not kept still leaves them in its
+    log; the whole record is ``OUT/gpu_check.json``."""
+    gpus = (report.data.get("environment") or {}).get("gpus") or []
+    return _clean({
+        "schema": SCHEMA, "ok": report.data["ok"], "exit_code": report.data["exit_code"],
+        "message": report.data["message"], "device": report.data["device"],
+        "gpu": gpus[0]["name"] if gpus else None, "rehearsal": report.data["rehearsal"],
+        "figures": report.data["figures"], "failures": report.data["failures"],
+        "parts": {name: p["status"] for name, p in report.parts.items()},
+        "report": str(report.path),
+    })
 
 
 _MEASURED = ("recover_s_per_image", "matmul_peak_tflops", "relabel_images_per_s",

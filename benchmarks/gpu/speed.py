@@ -87,7 +87,7 @@ def bench_recover(device, sizes: Sizes, state: SpeedState, fp16_peak: float | No
         sync(device)
         start = time.perf_counter()
         recover(init, labels, [teacher], cfg, preset.data.mean, preset.data.std, size, seed=0,
-                device=device)
+                device=device, precision=preset.execution.precision)
         sync(device)
         return time.perf_counter() - start
 
@@ -120,7 +120,8 @@ def bench_recover(device, sizes: Sizes, state: SpeedState, fp16_peak: float | No
         "preset": PRESET, "teacher": preset.teachers[0].model, "classes": num_classes,
         "batch": batch, "resolutions": list(rc.resolutions), "preset_iterations": full,
         "timed_iterations": window, "method": rc.method,
-        "mixed_precision": rc.spec.mixed_precision, "warmup_seconds": warmup,
+        "mixed_precision": rc.spec.mixed_precision,
+        "precision": preset.execution.precision, "warmup_seconds": warmup,
         "window_seconds": seconds, "seconds_per_iteration": per_iteration,
         "extrapolated_seconds_per_batch": total,
         "seconds_per_image": total / batch,
@@ -175,7 +176,8 @@ def bench_relabel(device, sizes: Sizes, state: SpeedState) -> dict:
         sync(device)
         start = time.perf_counter()
         table = relabel_epochs([teacher], images, preset.data.mean, preset.data.std, rcfg,
-                               epochs, seed=0, device=device)
+                               epochs, seed=0, device=device,
+                               precision=preset.execution.precision)
         sync(device)
         return time.perf_counter() - start, table
 
@@ -183,7 +185,8 @@ def bench_relabel(device, sizes: Sizes, state: SpeedState) -> dict:
     epochs = max(1, min(10, int(sizes.relabel_budget_s * 0.6 / max(first, 1e-3))))
     seconds, _ = run(range(1, 1 + epochs))
     return {"teacher": preset.teachers[0].model, "images": n, "batch": rcfg.batch_size,
-            "teacher_bn_mode": rcfg.teacher_bn_mode, "epochs": epochs, "seconds": seconds,
+            "teacher_bn_mode": rcfg.teacher_bn_mode, "precision": preset.execution.precision,
+            "epochs": epochs, "seconds": seconds,
             "images_per_s": n * epochs / seconds}
 
 
@@ -210,7 +213,8 @@ def bench_student(device, sizes: Sizes, state: SpeedState) -> dict:
         torch.manual_seed(0)
         model = create_model(preset.student.model, num_classes, 3, size).to(device)
         result = train_student(model, images, lambda _epoch: table, val, cfg, num_epochs,
-                               preset.data.mean, preset.data.std, num_classes, device, seed=0)
+                               preset.data.mean, preset.data.std, num_classes, device, seed=0,
+                               precision=preset.execution.precision)
         if not math.isfinite(result["history"][-1]["loss"]):
             raise AssertionError(f"student loss {result['history'][-1]['loss']}")
         return result["seconds"]
@@ -220,6 +224,7 @@ def bench_student(device, sizes: Sizes, state: SpeedState) -> dict:
     seconds = run(epochs)
     return {"model": preset.student.model, "images": n, "batch": preset.relabel.batch_size,
             "accumulation_steps": cfg.accumulation_steps,
-            "mixed_precision": cfg.mixed_precision, "epochs": epochs, "seconds": seconds,
+            "mixed_precision": cfg.mixed_precision, "precision": preset.execution.precision,
+            "epochs": epochs, "seconds": seconds,
             "images_per_s": n * epochs / seconds}
 
