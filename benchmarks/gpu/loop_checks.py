@@ -177,6 +177,7 @@ def _steady_states_strict(dev: torch.device) -> Iterator[None]:
         (fadrm.student, "_CHECK_EVERY", 10**9),
         (fadrm.synthesis, "_iteration", _strict(fadrm.synthesis._iteration, dev)),
         (fadrm.relabel, "_label_batch", _strict(fadrm.relabel._label_batch, dev)),
+        (fadrm.relabel, "_label_batches", _strict(fadrm.relabel._label_batches, dev)),
         (fadrm.render.EpochViews, "render", _strict(fadrm.render.EpochViews.render, dev)),
         (fadrm.student, "_train_step", _strict(fadrm.student._train_step, dev)),
     ]
@@ -193,7 +194,8 @@ def _steady_states_strict(dev: torch.device) -> Iterator[None]:
 def check_steady_states_never_sync(device: str = "cuda") -> None:
     """The steady states of recover, relabel and the student read nothing from the device:
     each step under ``torch.cuda.set_sync_debug_mode("error")``, in bf16 (the default) and
-    fp16 + GradScaler (the paper's), with their finiteness checks left to the ends."""
+    fp16 + GradScaler (the paper's), with their finiteness checks left to the ends; also
+    recover with two IPC indices per forward and relabel with two batches per forward."""
     from fadrm.config import RecoverConfig, RelabelConfig, StudentConfig
     from fadrm.data import ImageSet
     from fadrm.relabel import relabel_epochs
@@ -211,11 +213,21 @@ def check_steady_states_never_sync(device: str = "cuda") -> None:
             res = recover(pixels(10, 32, seed=2).to(dev), torch.arange(10, device=dev),
                           [teacher], cfg, MEAN, STD, 32, seed=1, device=dev,
                           precision=precision)
+            grouped = recover(pixels(20, 32, seed=2).to(dev), torch.arange(20, device=dev) % 10,
+                              [teacher], cfg, MEAN, STD, 32, seed=[1, 2], device=dev,
+                              precision=precision)
             table = relabel_epochs([teacher], images, MEAN, STD, RelabelConfig(batch_size=10),
                                    range(2), seed=0, device=dev, precision=precision)
+            ghost = relabel_epochs([teacher], images, MEAN, STD, RelabelConfig(batch_size=10),
+                                   range(2), seed=0, device=dev, precision=precision,
+                                   batches_per_forward=2)
             out = train_student(convnet(10, seed=4), images, lambda e: table, val,
                                 StudentConfig(model="convnet", eval_every=0), 2, MEAN, STD,
                                 10, dev, seed=0, precision=precision)
-        if len(res.losses) != 10 or out["steps"] != 8:
+        if len(res.losses) != 10 or len(grouped.group_losses) != 2 or out["steps"] != 8:
             raise AssertionError(f"{precision}: {len(res.losses)} recover iterations, "
-                                 f"{out['steps']} student steps (expected 10 and 8)")
+                                 f"{len(grouped.group_losses)} groups, {out['steps']} student "
+                                 "steps (expected 10, 2 and 8)")
+        if ghost.num_rows != table.num_rows:
+            raise AssertionError(f"{precision}: relabel with 2 batches per forward stored "
+                                 f"{ghost.num_rows} rows, one at a time {table.num_rows}")
