@@ -109,3 +109,31 @@ def test_weights_moved_counts_parameters_not_bn_buffers():
     assert all(torch.equal(before_params[k], v) for k, v in params_of(net).items())
     assert not all(torch.equal(before_state[k], v) for k, v in state_of(net).items())
     assert set(params_of(net)) == {n for n, _ in net.named_parameters()}
+
+
+def test_figures_carry_the_fp16_and_grouped_variants(tmp_path):
+    from benchmarks.gpu.report import Report, figures, summary_table
+
+    report = Report(tmp_path, [])
+    part = lambda result: {"status": "passed", "seconds": 1.0, "error": None,  # noqa: E731
+                           "result": result}
+    report.parts["speed.recover"] = part({
+        "seconds_per_image": 0.05, "precision": "bf16",
+        "fp16_scaler": {"seconds_per_image": 0.07},
+        "ipc_per_forward_2": {"seconds_per_image": 0.04}})
+    report.parts["speed.relabel"] = part({
+        "images_per_s": 5e4, "fp16_scaler": {"images_per_s": 4e4},
+        "batches_per_forward_8": {"images_per_s": 9e4}})
+    report.parts["speed.student"] = part({
+        "images_per_s": 8e3, "ms_per_step": 2.0, "batch": 16, "accumulation_steps": 2,
+        "fp16_scaler": {"ms_per_step": 2.5}})
+    report.data["device"] = "cuda:0"
+    f = report.data["figures"] = figures(report)
+    assert (f["recover_s_per_image"], f["recover_s_per_image_fp16_scaler"],
+            f["recover_s_per_image_ipc_per_forward_2"]) == (0.05, 0.07, 0.04)
+    assert (f["relabel_images_per_s_fp16_scaler"],
+            f["relabel_images_per_s_batches_per_forward_8"]) == (4e4, 9e4)
+    assert (f["student_ms_per_step"], f["student_ms_per_step_fp16_scaler"]) == (2.0, 2.5)
+    assert f["precision"] == "bf16"
+    table = summary_table(report)
+    assert "with fp16 + GradScaler" in table and "stored batch 16 as 2 micro-batches" in table
