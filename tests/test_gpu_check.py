@@ -115,8 +115,10 @@ def test_figures_carry_the_fp16_and_grouped_variants(tmp_path):
     from benchmarks.gpu.report import Report, figures, summary_table
 
     report = Report(tmp_path, [])
-    part = lambda result: {"status": "passed", "seconds": 1.0, "error": None,  # noqa: E731
-                           "result": result}
+
+    def part(result: dict) -> dict:
+        return {"status": "passed", "seconds": 1.0, "error": None, "result": result}
+
     report.parts["speed.recover"] = part({
         "seconds_per_image": 0.05, "precision": "bf16",
         "fp16_scaler": {"seconds_per_image": 0.07},
