@@ -23,7 +23,9 @@ pytest, no network, no data (it makes its own images). In order:
 
 Every part is time-boxed and guarded: a failing part records its error and the rest still
 run. Results go to ``OUT/gpu_check.json`` (schema in benchmarks/README.md, rewritten after
-every part) and ``OUT/gpu_check.log``. Exit code: 0 all passed (or, without CUDA, the CPU
+every part) and ``OUT/gpu_check.log``; the last line on stdout is the summary (figures, each
+part's status) as one line of JSON after ``gpu_check summary: ``, so a job whose working
+directory is not returned still has the results in its log. Exit code: 0 all passed (or, without CUDA, the CPU
 half passed), 1 something failed or timed out, 2 refused (no torch, or an unsupported GPU).
 
 This file is the driver (arguments, order, watchdog, exit code). The parts live in
@@ -36,6 +38,7 @@ they share. A new group is a module there and one ``report.run`` call here.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -51,13 +54,15 @@ from pathlib import Path
 from benchmarks.gpu.common import GPU_SIZES, REHEARSAL_SIZES
 from benchmarks.gpu.environment import environment, gpu_smoke, missing_modules
 from benchmarks.gpu.report import (EXIT_FAILED, EXIT_OK, EXIT_REFUSED, Report, figures,
-                                   summary_table)
+                                   summary_json, summary_table)
 
 log = logging.getLogger("gpu_check")
 
 SPEED_PARTS = ("speed.matmul_peak", "speed.recover", "speed.relabel", "speed.student")
 DEVICE_PARTS = ("pipeline.local_executor", *SPEED_PARTS)
 """The parts after the CUDA checks, in order; all of them need a device."""
+SUMMARY_PREFIX = "gpu_check summary: "
+"""The last line on stdout: this prefix, then the summary as one line of JSON."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                            message="torch is not installed: nothing can run")
         report.save()
         _emit(f"gpu_check: REFUSED: {report.data['message']}", out)
+        _emit(SUMMARY_PREFIX + json.dumps(summary_json(report), sort_keys=True), out)
         return EXIT_REFUSED
     _start_watchdog(report, args.max_seconds, out)
     try:
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     report.save()
     _emit("\n" + summary_table(report), out)
     _emit(f"\ngpu_check: {report.data['message']} (exit {code}; {report.path})", out)
+    _emit(SUMMARY_PREFIX + json.dumps(summary_json(report), sort_keys=True), out)
     return code
 
 
@@ -289,9 +296,11 @@ def _start_watchdog(report: Report, seconds: float, out: Path) -> threading.Time
                     status="failed", error=f"timed out: the whole check exceeded {seconds:g} s")
             report.data.update(ok=False, exit_code=EXIT_FAILED,
                                message=f"timed out after {seconds:g} s in {part}")
+            report.data["figures"] = figures(report)
         report.save()
         _emit(f"gpu_check: TIMED OUT after {seconds:g} s in {part}; partial results in "
               f"{report.path}", out)
+        _emit(SUMMARY_PREFIX + json.dumps(summary_json(report), sort_keys=True), out)
         for clean_up in report.on_exit:
             try:
                 clean_up()

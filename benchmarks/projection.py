@@ -124,6 +124,21 @@ def stage_hours(work: dict, gpus: int, recover_s_per_image: float, a: dict) -> d
     }
 
 
+def measured_recover_s(report: dict, path: Path | str = "gpu_check.json") -> float:
+    """Recover seconds per image from a gpu_check report (``figures.recover_s_per_image``,
+    else the ``speed.recover`` part's result). A report without it is an error, not a
+    silent fall-back to the paper's figure."""
+    value = (report.get("figures") or {}).get("recover_s_per_image")
+    if not value:
+        part = (report.get("parts") or {}).get("speed.recover") or {}
+        value = (part.get("result") or {}).get("seconds_per_image")
+    if not value:
+        raise SystemExit(f"{path}: no recover seconds per image (figures.recover_s_per_image "
+                         "or parts['speed.recover'].result.seconds_per_image); did the "
+                         "recover speed part of the GPU check run?")
+    return float(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.projection")
     parser.add_argument("--gpu-check", type=Path, help="gpu_check JSON with measured costs")
@@ -133,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     source = "paper (RTX 4090)"
     recover_s = a["paper_recover_s_per_image"]["fadrm+"]
     if args.gpu_check:
-        measured = json.loads(args.gpu_check.read_text()).get("recover", {})
-        if measured.get("seconds_per_image"):
-            recover_s, source = measured["seconds_per_image"], "measured (gpu_check)"
+        recover_s = measured_recover_s(json.loads(args.gpu_check.read_text()), args.gpu_check)
+        source = "measured (gpu_check)"
     work = preset_work()
     by_gpus = {g: stage_hours(work, g, recover_s, a) for g in GPU_COUNTS}
     result = {

@@ -1,7 +1,16 @@
 """Mixed precision that works the same on CPU and CUDA.
 
-CPU: bf16 autocast (no scaler needed: bf16 has fp32's exponent range).
-CUDA: fp16 autocast + GradScaler. Parameters and optimised pixels stay fp32.
+``precision`` (``execution.precision``) picks the autocast dtype of the hot loops:
+
+* ``bf16``: bf16 autocast without a scaler (fp32's exponent range: nothing to scale). The
+  default: on Hopper-class GPUs bf16 runs at the fp16 tensor-core rate.
+* ``fp16``: fp16 autocast + GradScaler on CUDA, the paper's setting (on the CPU, which has
+  no fast fp16, it runs as bf16, as before).
+* ``fp32``: no autocast.
+
+The CPU always uses bf16 for ``bf16`` and ``fp16``, so both give the CPU's bytes of before.
+Parameters and optimised pixels stay fp32. A loop's own ``mixed_precision: false`` (SRe2L's
+recover, a student flag) still means fp32 whatever the precision says.
 """
 
 from __future__ import annotations
@@ -10,19 +19,53 @@ import contextlib
 
 import torch
 
+PRECISIONS = ("bf16", "fp16", "fp32")
+"""Values of ``execution.precision``."""
+DEFAULT_PRECISION = "bf16"
+LEGACY_PRECISION = "fp16"
+"""What the loops did before precision was a setting: bf16 on the CPU, fp16 + GradScaler on
+CUDA (squeeze and evaluation still run so)."""
 
-def autocast(device: torch.device, enabled: bool = True):
-    """Autocast context for ``device``; a no-op context when disabled."""
-    if not enabled:
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def autocast_dtype(device: torch.device, precision: str = LEGACY_PRECISION,
+                   enabled: bool = True) -> torch.dtype | None:
+    """The autocast dtype on ``device``; None when the forward runs in fp32."""
+    check_precision(precision)
+    if not enabled or precision == "fp32":
+        return None
+    if device.type == "cuda" and precision == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, enabled: bool = True, precision: str = LEGACY_PRECISION):
+    """Autocast context for ``device`` and ``precision``; a no-op context for fp32 or when
+    disabled."""
+    dtype = autocast_dtype(device, precision, enabled)
+    if dtype is None:
         return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, enabled: bool = True,
+                precision: str = LEGACY_PRECISION) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 on CUDA (bf16 needs none)."""
+    active = autocast_dtype(device, precision, enabled) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=active)
+
+
+def tune_for_fixed_shapes(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its algorithms once per input shape and keep the fastest
+    (the hot loops' shapes are fixed per MRO stage, relabel batch and micro-batch). The
+    choice may differ between processes, as float rounding on a GPU already may."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast("cpu", dtype=torch.bfloat16)
-
-
-def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
-    """A GradScaler that is active only for fp16 on CUDA."""
-    return torch.amp.GradScaler(device.type, enabled=enabled and device.type == "cuda")
+        torch.backends.cudnn.benchmark = True
 
 
 def resolve_device(name: str = "auto") -> torch.device:

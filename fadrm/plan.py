@@ -100,21 +100,28 @@ class RunPlan:
         if method.optimize:
             recover_cfg = dataclasses.asdict(cfg.recover)
             recover_cfg.pop("allow_no_bn")  # a permission, not an input: same bytes either way
+            if recover_cfg["ipc_per_forward"] == 1:  # one index per forward: today's key
+                recover_cfg.pop("ipc_per_forward")
             self.recover = RecoverStage(self, StageKey("recover", {
                 "recover": recover_cfg,
                 "init": self.select.key.key if self.select else "noise",
                 "teachers": [self._teacher_fp[i] for i in cfg.recover_teachers],
                 "ipc": cfg.ipc, "seed": cfg.seed, "data": self._data,
                 "block_size": self.block_size, "version": __version__, **self._threads(),
+                **self._precision(),
             }), method, cfg.recover)
         self.images_stage: Stage = self.recover or self.select  # type: ignore[assignment]
 
+        relabel_cfg = dataclasses.asdict(cfg.relabel)
+        if relabel_cfg["batches_per_forward"] == 1:  # today's labels: today's key
+            relabel_cfg.pop("batches_per_forward")
         self.relabel = RelabelStage(self, StageKey("relabel", {
-            "relabel": dataclasses.asdict(cfg.relabel),
+            "relabel": relabel_cfg,
             "images": self.images_stage.key.key,
             "teachers": [[self._teacher_fp[i], cfg.teachers[i].ensemble_weight]
                          for i in cfg.relabel_teachers],
             "seed": cfg.seed, "data": self._data, "version": __version__, **self._threads(),
+            **self._precision(),
         }), cfg.relabel)
         student = dataclasses.asdict(cfg.student)
         if student["seeds"] is None:  # today's one student: today's keys
@@ -128,6 +135,7 @@ class RunPlan:
         if d.val_crop_ratio is not None:  # only when set: older configs keep their keys
             evaluate["val_crop_ratio"] = d.val_crop_ratio
         evaluate.update(self._ranks())
+        evaluate.update(self._precision())
         self.evaluate = EvaluateStage(self, StageKey("evaluate", evaluate), cfg.student)
 
     def _ranks(self) -> dict:
@@ -145,6 +153,13 @@ class RunPlan:
         select's did not). One thread, the default, adds nothing to the keys."""
         n = self.cfg.execution.threads_per_worker
         return {"threads": n} if n != 1 else {}
+
+    def _precision(self) -> dict:
+        """The hot loops' autocast dtype (recover, relabel, the student): keyed only when
+        not the default, so bf16 runs keep the keys they had before precision was a setting
+        (the CPU's bytes of before too)."""
+        precision = self.cfg.execution.precision
+        return {"precision": precision} if precision != "bf16" else {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -318,8 +333,10 @@ which the presets set, so hashing their defaults would move those reports' folde
 def config_fingerprint(cfg: RunConfig) -> str:
     """12 hex digits of the resolved config: each config's report has its own folder.
     The ``evaluate`` section counts only when it asks for scores (off, it changes nothing),
-    ``student.seeds`` only when set (configs written before it keep their folders), and the
-    :data:`RUN_ONLY_OPTIONS` as their defaults."""
+    ``student.seeds`` only when set, ``execution.precision`` only when not bf16 and
+    ``relabel.batches_per_forward`` / ``recover.ipc_per_forward`` only when not 1 (configs
+    written before them keep their folders), and the :data:`RUN_ONLY_OPTIONS` as their
+    defaults."""
     data = config_to_dict(cfg)
     if not cfg.evaluate.scores:
         data.pop("evaluate", None)
@@ -327,6 +344,12 @@ def config_fingerprint(cfg: RunConfig) -> str:
         data["student"].pop("seeds", None)
     defaults = type(cfg.execution)()
     data["execution"].update({k: getattr(defaults, k) for k in RUN_ONLY_OPTIONS})
+    if cfg.execution.precision == "bf16":
+        data["execution"].pop("precision", None)
+    if cfg.relabel.batches_per_forward == 1:
+        data["relabel"].pop("batches_per_forward", None)
+    if cfg.recover.ipc_per_forward == 1:
+        data["recover"].pop("ipc_per_forward", None)
     return digest(data, 12)
 
 

@@ -31,10 +31,18 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from fadrm.amp import autocast, channels_last_models, is_channels_last, to_layout
+from fadrm.amp import (
+    autocast,
+    channels_last_models,
+    is_channels_last,
+    to_layout,
+    tune_for_fixed_shapes,
+)
 from fadrm.config import RelabelConfig
 from fadrm.data import normalize
 from fadrm.formats.labels import Views, label_arrays, soft_label_schema, views_arrays
+from fadrm.ghost_bn import ghost_batch_norm
+from fadrm.render import EpochViews
 
 __all__ = [
     "apply_views",
@@ -177,7 +185,7 @@ def apply_views(images: torch.Tensor, rows: Views, out_size: int) -> torch.Tenso
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
 
     partner = torch.from_numpy(rows.mix_partner.astype(np.int64)).to(device)
-    if bool((partner >= 0).any()):
+    if (rows.mix_partner >= 0).any():  # decided on the host: no device read
         box = torch.from_numpy(rows.mix_box.astype(np.int64)).to(device)
         grid = torch.arange(out_size, device=device)
         inside_y = (grid[None, :] >= box[:, 0:1]) & (grid[None, :] < box[:, 2:3])  # [B, out]
@@ -285,6 +293,7 @@ def ensemble_logits(
     weights: Sequence[float] | None,
     device: torch.device,
     mixed_precision: bool = True,
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """fp32 logits ``[B, K]`` of the teacher ensemble on the whole batch ``x``.
 
@@ -303,7 +312,8 @@ def ensemble_logits(
     x = x.to(device)
     total: torch.Tensor | None = None
     for teacher, c in zip(teachers, coef.tolist(), strict=True):
-        with teacher_bn_mode(teacher, bn_mode), autocast(device, mixed_precision):
+        with teacher_bn_mode(teacher, bn_mode), \
+                autocast(device, mixed_precision, precision):
             logits = teacher(to_layout(x, is_channels_last(teacher)))
         term = logits.float() * c
         if total is not None and term.shape != total.shape:
@@ -331,6 +341,8 @@ def relabel_epochs(
     channels_last: bool = True,
     labels: torch.Tensor | None = None,
     num_classes: int | None = None,
+    precision: str = "bf16",
+    batches_per_forward: int = 1,
 ) -> pa.Table:
     """Labels for ``epochs``: views + ensemble logits of uint8 ``images [N, C, H, W]``.
 
@@ -339,6 +351,14 @@ def relabel_epochs(
     runs them in that memory layout meanwhile (2x faster small convolutions on the CPU).
     With ``cfg.label_mode == 'hard'`` no teacher runs: the rows hold the views and each
     image's class from ``labels [N]`` (``num_classes`` is then required).
+    ``precision``: the teachers' autocast dtype (:mod:`fadrm.amp`).
+    ``batches_per_forward``: stored batches labelled per teacher forward; with BN in
+    'train' mode each of their ``bn_splits`` parts keeps its own statistics (ghost batch
+    norm, :mod:`fadrm.ghost_bn`): the same labels up to float rounding. 1: as the reference.
+
+    The images move to ``device`` once; each epoch's view parameters in one copy; the
+    logits stay on the device until the epoch's rows are built, which is also when their
+    finiteness is checked (one device read per epoch, none per batch).
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} "
@@ -348,11 +368,12 @@ def relabel_epochs(
     epochs = list(epochs)
     if cfg.label_mode == "hard":
         return _hard_label_rows(images, cfg, epochs, seed, labels, num_classes, progress)
+    tune_for_fixed_shapes(device)
     for t in teachers:
         t.to(device)
     with channels_last_models(teachers, channels_last):
         return _relabel_loop(teachers, images, mean, std, cfg, epochs, seed, device, weights,
-                             progress, mixed_precision)
+                             progress, mixed_precision, precision, batches_per_forward)
 
 
 def _hard_label_rows(images, cfg, epochs, seed, labels, num_classes, progress) -> pa.Table:
@@ -378,21 +399,28 @@ def _hard_label_rows(images, cfg, epochs, seed, labels, num_classes, progress) -
 
 
 def _relabel_loop(teachers, images, mean, std, cfg, epochs, seed, device, weights, progress,
-                  mixed_precision) -> pa.Table:
+                  mixed_precision, precision="bf16", batches_per_forward=1) -> pa.Table:
     out_size = images.shape[2]
     tables: list[pa.Table] = []
     schema: pa.Schema | None = None
+    on_device = images.to(device)
     for done, epoch in enumerate(epochs):
         views = make_views(seed, epoch, images.shape[0], cfg, out_size)
-        logits = []
-        for b, rows in enumerate(views.batches()):
-            x = view_batch(images, rows, mean, std, out_size, device)
-            out = _label_batch(teachers, x, cfg, weights, device, mixed_precision)
-            if not torch.isfinite(out).all():
-                raise RuntimeError(f"relabel: non-finite teacher logits at epoch {epoch}, "
-                                   f"batch {b}")
-            logits.append(out.cpu())
-        all_logits = torch.cat(logits)
+        batches = EpochViews(views, on_device, mean, std, out_size, device)
+        if batches_per_forward == 1:
+            logits = [_label_batch(teachers, batches.render(b), cfg, weights, device,
+                                   mixed_precision, precision) for b in range(len(batches))]
+        else:
+            logits = [_label_batches(teachers, batches, range(lo, min(lo + batches_per_forward,
+                                                                       len(batches))),
+                                     cfg, weights, device, mixed_precision, precision)
+                      for lo in range(0, len(batches), batches_per_forward)]
+        # The epoch's logits come to the host in one copy; finiteness is checked there.
+        all_logits = torch.cat(logits).cpu()
+        bad = np.flatnonzero(~torch.isfinite(all_logits).all(dim=1).numpy())
+        if len(bad):
+            raise RuntimeError(f"relabel: non-finite teacher logits at epoch {epoch}, "
+                               f"batch {int(views.batch[bad[0]])}")
         if schema is None:
             schema = soft_label_schema(all_logits.shape[1], cfg.top_k)
             schema = schema.with_metadata({**schema.metadata, b"seed": str(seed).encode()})
@@ -406,10 +434,25 @@ def _relabel_loop(teachers, images, mean, std, cfg, epochs, seed, device, weight
 
 
 def _label_batch(teachers, x: torch.Tensor, cfg: RelabelConfig, weights, device,
-                 mixed_precision: bool) -> torch.Tensor:
+                 mixed_precision: bool, precision: str = "bf16") -> torch.Tensor:
     """Ensemble logits of one rendered batch; with BN in train mode, in ``cfg.bn_splits``
     contiguous parts (each part's own batch statistics, as the reference labels halves)."""
     splits = cfg.bn_splits if cfg.teacher_bn_mode == "train" else 1
     parts = [p for p in torch.tensor_split(x, min(splits, len(x))) if len(p)]
     return torch.cat([ensemble_logits(teachers, p, cfg.teacher_bn_mode, weights, device,
-                                      mixed_precision) for p in parts])
+                                      mixed_precision, precision) for p in parts])
+
+
+def _label_batches(teachers, batches: EpochViews, which: range, cfg: RelabelConfig, weights,
+                   device, mixed_precision: bool, precision: str) -> torch.Tensor:
+    """:func:`_label_batch` of several stored batches in one forward per teacher: with BN in
+    train mode, ghost batch norm over the same parts ``_label_batch`` would make."""
+    xs = [batches.render(b) for b in which]
+    sizes: list[int] = []
+    for x in xs:
+        splits = cfg.bn_splits if cfg.teacher_bn_mode == "train" else 1
+        sizes += [len(p) for p in np.array_split(np.arange(len(x)), min(splits, len(x)))
+                  if len(p)]
+    with ghost_batch_norm(teachers, sizes):
+        return ensemble_logits(teachers, torch.cat(xs), cfg.teacher_bn_mode, weights, device,
+                               mixed_precision, precision)

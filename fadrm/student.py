@@ -34,12 +34,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fadrm.amp import autocast, grad_scaler, to_layout
+from fadrm.amp import (
+    LEGACY_PRECISION,
+    autocast,
+    grad_scaler,
+    to_layout,
+    tune_for_fixed_shapes,
+)
 from fadrm.config import StudentConfig
 from fadrm.data import ImageSet
 from fadrm.formats.labels import LabelRows
 from fadrm.metrics import evaluate
-from fadrm.relabel import view_rows
+from fadrm.optim import adam
+from fadrm.render import EpochViews, to_device
 from fadrm.training import Trainer, all_reduce_sum, param_groups, world as dist_world, wrap_ddp
 
 __all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "kd_step", "micro_batches",
@@ -71,12 +78,14 @@ def micro_batches(batch_size: int, accumulation_steps: int) -> list[np.ndarray]:
 
 
 def micro_loss_sum(net: nn.Module, x: torch.Tensor, targets: torch.Tensor,
-                   cfg: StudentConfig, num_classes: int, hard: bool = False) -> torch.Tensor:
+                   cfg: StudentConfig, num_classes: int, hard: bool = False,
+                   precision: str = LEGACY_PRECISION) -> torch.Tensor:
     """The student's forward pass on one micro-batch of rendered views ``x`` (channels_last,
-    under ``cfg.mixed_precision``'s autocast) and its summed loss against ``targets``:
-    KL to teacher logits at ``cfg.temperature``, or (``hard``) cross-entropy to
-    class-probability targets. Shared by :func:`train_student` and :func:`kd_step`."""
-    with autocast(x.device, cfg.mixed_precision):
+    under ``cfg.mixed_precision``'s autocast in ``precision``, :mod:`fadrm.amp`) and its
+    summed loss against ``targets``: KL to teacher logits at ``cfg.temperature``, or
+    (``hard``) cross-entropy to class-probability targets. Shared by :func:`train_student`
+    and :func:`kd_step`."""
+    with autocast(x.device, cfg.mixed_precision, precision):
         logits = net(to_layout(x, True))
     if logits.shape[1] != num_classes:
         raise ValueError(f"student outputs {logits.shape[1]} classes, expected {num_classes}")
@@ -139,6 +148,7 @@ class _Run(Trainer):
     device: torch.device
     rank: int
     world: int
+    precision: str = "bf16"
     steps: int = 0
 
 
@@ -156,6 +166,7 @@ def train_student(
     seed: int,
     progress: Callable[[int, int], None] | None = None,
     val_is_shard: bool = False,
+    precision: str = "bf16",
 ) -> dict:
     """Train ``model`` on uint8 ``images [N, C, H, W]`` with the stored views and soft labels.
 
@@ -163,6 +174,11 @@ def train_student(
     summed over ranks); otherwise every rank holds all of it and evaluates its share.
 
     ``labels_for_epoch(e)`` returns a soft-label table holding (at least) epoch ``e``.
+    ``precision``: the autocast dtype (:mod:`fadrm.amp`) when ``cfg.mixed_precision``.
+
+    The steps read nothing from the device: the images live there, each epoch's views and
+    targets arrive in one copy, and the losses stay there (checked for finiteness every
+    ``_CHECK_EVERY`` steps and at the epoch's end).
     Returns the final-epoch top-1/top-5 (the headline), the best evaluated top-1 and its
     epoch, a per-epoch history, the optimiser step count and the wall time. Metrics are
     exact on rank 0.
@@ -172,8 +188,9 @@ def train_student(
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} "
                          f"{tuple(images.shape)}")
+    tune_for_fixed_shapes(device)
     start_time = time.perf_counter()
-    run = _set_up(model, images, cfg, mean, std, num_classes, device, seed)
+    run = _set_up(model, images, cfg, mean, std, num_classes, device, seed, precision)
     history: list[dict] = []
     best_top1, best_epoch = -1.0, -1
     top1 = top5 = float("nan")
@@ -216,17 +233,20 @@ def _evaluate_sharded(run: _Run, val: ImageSet, is_shard: bool = False) -> tuple
                     run.cfg.mixed_precision, sharded=run.world > 1)
 
 
-def _set_up(model, images, cfg, mean, std, num_classes, device, seed) -> _Run:
+def _set_up(model, images, cfg, mean, std, num_classes, device, seed,
+            precision: str = "bf16") -> _Run:
     torch.manual_seed(seed)  # dropout and any other randomness inside the student
     rank, world = dist_world()
     # channels_last while training (2x faster small convolutions on the CPU, the layout
     # tensor cores want); undone at the end, so saved weights have the usual layout.
     model.to(device, memory_format=torch.channels_last)
     net = wrap_ddp(model, device, world)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    scaler = grad_scaler(device, cfg.mixed_precision)
-    return _Run(model, net, optimizer, scaler, images, cfg, mean, std, num_classes, device,
-                rank, world)
+    # AdamW with the step count off the device's critical path (fused on CUDA).
+    optimizer = adam(param_groups(model, cfg.weight_decay), device, cfg.lr, decoupled=True)
+    scaler = grad_scaler(device, cfg.mixed_precision, precision)
+    # The uint8 images stay on the device for the whole run (views render there).
+    return _Run(model, net, optimizer, scaler, images.to(device), cfg, mean, std,
+                num_classes, device, rank, world, precision)
 
 
 def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dict:
@@ -235,52 +255,81 @@ def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dic
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     labels = LabelRows.read(table, epoch, run.num_classes)
-    slices = list(labels.views.batch_slices())
+    batches = EpochViews(labels.views, run.images, run.mean, run.std, run.images.shape[2],
+                         run.device)
+    # Targets are row-wise (hard ones within their stored batch), so the epoch's come in
+    # one piece and one copy. Hard-label rows (relabel.label_mode 'hard'): cross-entropy
+    # to the CutMix-mixed one-hot targets instead of KL to teacher logits.
+    if labels.hard:
+        targets = torch.cat([labels[s].targets() for s in batches.slices])
+    else:
+        targets = labels.targets()
+    targets = to_device(targets, run.device)
     run.net.train()
-    loss_total = torch.zeros((), dtype=torch.float64)
-    for b, s in enumerate(slices):
-        loss_total += _train_step(run, labels[s], epoch, b)
+    loss_total = torch.zeros((), dtype=torch.float64, device=run.device)
+    checks = torch.zeros(len(batches), run.cfg.accumulation_steps, device=run.device)
+    checked = 0
+    for b in range(len(batches)):
+        loss_total += _train_step(run, batches, targets, labels.hard, b, checks[b])
+        if (b + 1) % _CHECK_EVERY == 0:
+            _check_finite(run, checks, checked, b + 1, epoch)
+            checked = b + 1
+    _check_finite(run, checks, checked, len(batches), epoch)
     loss_total = all_reduce_sum(loss_total, run.device)
     return {"epoch": epoch, "top1": None, "top5": None,
-            "loss": float(loss_total) / len(slices), "lr": lr}
+            "loss": float(loss_total) / len(batches), "lr": lr}
 
 
-def _train_step(run: _Run, labels: LabelRows, epoch: int, b: int) -> torch.Tensor:
+_CHECK_EVERY = 100
+"""Steps between reads of the losses' finiteness (each read waits for the device)."""
+
+
+def _check_finite(run: _Run, checks: torch.Tensor, start: int, stop: int, epoch: int) -> None:
+    """Raise on the first non-finite micro-batch loss of batches ``start:stop``."""
+    if stop <= start:
+        return
+    chunk = checks[start:stop].cpu()
+    bad = (~torch.isfinite(chunk)).nonzero()
+    if len(bad):
+        b, k = (int(v) for v in bad[0])
+        raise RuntimeError(f"non-finite student loss at epoch {epoch}, batch {start + b} "
+                           f"(rank {run.rank}): {float(chunk[b, k])}")
+
+
+def _train_step(run: _Run, batches: EpochViews, targets: torch.Tensor, hard: bool, b: int,
+                checks: torch.Tensor) -> torch.Tensor:
     """One optimiser step on one stored (global) batch; returns this rank's part of the
-    batch's mean loss (the ranks' parts add up to it).
+    batch's mean loss (the ranks' parts add up to it), on the device.
 
     The batch is split into ``accumulation_steps`` micro-batches (the BatchNorm batch), and
-    rank r renders and trains micro-batches r, r + W, ... only. Each micro-batch's loss is
+    rank r trains micro-batches r, r + W, ... only. Each micro-batch's loss is
     ``sum_loss(micro) * W / B``: DDP averages gradients over the W ranks, so the step's
     gradient is the batch's mean loss gradient, whatever W is. A rank without a micro-batch
     (W > number of micro-batches) runs one zero-weight sample, as DDP needs every rank.
+    The whole batch is rendered once (a view reads its CutMix partner's view) and each
+    micro-batch is a slice of it: the same pixels as rendering the micro-batch alone.
+    ``checks[k]`` receives micro-batch k's loss sum (read for finiteness now and then).
     """
-    rows = labels.views
-    full = len(rows)
+    rows = batches.rows(b)
+    full = rows.stop - rows.start
     mine = micro_batches(full, run.cfg.accumulation_steps)[run.rank::run.world]
     weights = [1.0] * len(mine)
     if not mine:
         mine, weights = [np.zeros(1, dtype=np.int64)], [0.0]
-    hard = labels.hard
-    # Hard-label rows (relabel.label_mode 'hard'): cross-entropy to the CutMix-mixed
-    # one-hot targets instead of KL to teacher logits.
-    targets = labels.targets()
-    out_size = run.images.shape[2]
-    part = torch.zeros((), dtype=torch.float64)
+    views = batches.render(b)
+    batch_targets = targets[rows]
+    part = torch.zeros((), dtype=torch.float64, device=run.device)
     for k, (positions, weight) in enumerate(zip(mine, weights)):
         last = k == len(mine) - 1
         sync = contextlib.nullcontext() if run.world == 1 or last else run.net.no_sync()
+        # Micro-batches are contiguous positions: slices, not index copies.
+        micro = slice(int(positions[0]), int(positions[-1]) + 1)
         with sync:
-            x = view_rows(run.images, rows, positions, run.mean, run.std, out_size, run.device)
-            loss_sum = micro_loss_sum(run.net, x, targets[torch.as_tensor(positions)],
-                                      run.cfg, run.num_classes, hard)
-            if not torch.isfinite(loss_sum):
-                raise RuntimeError(
-                    f"non-finite student loss at epoch {epoch}, batch {b} "
-                    f"(rank {run.rank}): {loss_sum.item()}"
-                )
+            loss_sum = micro_loss_sum(run.net, views[micro], batch_targets[micro], run.cfg,
+                                      run.num_classes, hard, run.precision)
             run.scaler.scale(loss_sum * (weight * run.world / full)).backward()
-        part += weight * loss_sum.detach().double().cpu() / full
+        checks[k] = loss_sum.detach()
+        part += weight * loss_sum.detach().double() / full
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)

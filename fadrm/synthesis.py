@@ -17,30 +17,38 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fadrm.amp import autocast, channels_last_models, grad_scaler, to_layout
+from fadrm.amp import (
+    autocast,
+    channels_last_models,
+    grad_scaler,
+    to_layout,
+    tune_for_fixed_shapes,
+)
 from fadrm.config import RecoverConfig
+from fadrm.augment import augment, augment_axes, sample_axes
 from fadrm.data import pixel_bounds
+from fadrm.optim import adam
 
 __all__ = [
     "BNStatLoss",
     "RecoverResult",
     "augment",
+    "augment_axes",
     "channel_stats",
     "cosine_lr",
     "recover",
     "resample",
+    "sample_axes",
 ]
 
 _PROGRESS_EVERY = 10
-_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))  # torchvision's RandomResizedCrop ratio
-_CROP_ATTEMPTS = 10
 
 
 # --------------------------------------------------------------------------- BN statistics
@@ -115,9 +123,12 @@ class BNStatLoss:
     context manager or with :meth:`attach` / :meth:`remove`.
     """
 
-    def __init__(self, model: nn.Module, first_multiplier: float = 10.0):
+    def __init__(self, model: nn.Module, first_multiplier: float = 10.0, groups: int = 1):
         self.model = model
         self.first_multiplier = float(first_multiplier)
+        self.groups = groups
+        """Independent problems in one batch (``groups`` equal, contiguous parts): each
+        part's statistics are matched on their own and :meth:`loss` is per part ``[G]``."""
         # A BN layer without running statistics has no target to match: skipped.
         self.layers = [
             m for m in model.modules()
@@ -156,11 +167,20 @@ class BNStatLoss:
     def _hook(self, index: int) -> Callable:
         weight = self.first_multiplier if index == 0 else 1.0
 
-        def hook(module: nn.BatchNorm2d, inputs: tuple, _output: object) -> None:
-            mean_offset, var = channel_stats(inputs[0], module.running_mean)
+        def term_of(module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+            mean_offset, var = channel_stats(x, module.running_mean)
             term = torch.linalg.vector_norm(mean_offset)
             term = term + torch.linalg.vector_norm(var - module.running_var)
-            self._terms[index] = term * weight if weight != 1.0 else term
+            return term * weight if weight != 1.0 else term
+
+        def hook(module: nn.BatchNorm2d, inputs: tuple, _output: object) -> None:
+            if self.groups == 1:
+                self._terms[index] = term_of(module, inputs[0])
+                return
+            # A part of a batch along N is itself a batch in the same layout: each part's
+            # statistics are computed as they would be in a forward of that part alone.
+            parts = inputs[0].chunk(self.groups)
+            self._terms[index] = torch.stack([term_of(module, part) for part in parts])
 
         return hook
 
@@ -172,90 +192,14 @@ class BNStatLoss:
         """Sum of the weighted terms of the last forward; 0 for a teacher without BN."""
         terms = self.terms()
         if not terms:
-            return torch.zeros(())
-        return torch.stack(terms).sum()
-
-
-# --------------------------------------------------------------------------- augmentation
-
-
-def _crop_boxes(
-    batch: int, height: int, width: int, scale: list[float] | tuple[float, float],
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample RandomResizedCrop boxes (torchvision's rule, continuous sizes).
-
-    Returns centre x, centre y, width, height in pixels, each ``[batch]``. Ten attempts per
-    sample; the first that fits wins; if none fits, the whole image (ratio-clamped) is used.
-    """
-    lo, hi = float(scale[0]), float(scale[1])
-    shape = (batch, _CROP_ATTEMPTS)
-    area = height * width * (lo + (hi - lo) * torch.rand(shape, generator=generator))
-    ratio = torch.exp(_LOG_RATIO[0] + (_LOG_RATIO[1] - _LOG_RATIO[0])
-                      * torch.rand(shape, generator=generator))
-    w = torch.sqrt(area * ratio)
-    h = torch.sqrt(area / ratio)
-    fits = (w <= width) & (h <= height)
-    first = fits.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
-
-    in_ratio = width / height
-    if in_ratio < 3 / 4:
-        full_w, full_h = float(width), width / (3 / 4)
-    elif in_ratio > 4 / 3:
-        full_w, full_h = height * (4 / 3), float(height)
-    else:
-        full_w, full_h = float(width), float(height)
-    any_fit = fits.any(dim=1)
-    w = torch.where(any_fit, w, torch.full_like(w, full_w))
-    h = torch.where(any_fit, h, torch.full_like(h, full_h))
-
-    offsets = torch.rand(batch, 2, generator=generator)
-    cx = offsets[:, 0] * (width - w) + w / 2
-    cy = offsets[:, 1] * (height - h) + h / 2
-    return cx, cy, w, h
-
-
-def augment(
-    x: torch.Tensor,
-    size: int,
-    crop_scale: list[float] | tuple[float, float],
-    flip: bool,
-    jitter: int,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Per-sample random resized crop + flip + cyclic shift, differentiable w.r.t. ``x``.
-
-    Crop and flip are one affine sampling grid per sample (bilinear, align_corners=False;
-    the grid ``F.affine_grid`` would give, built separably because it has no shear); the
-    cyclic shift (``torch.roll`` semantics, ``|shift| <= jitter`` per axis) permutes the
-    grid's rows and columns, so the whole augmentation is a single ``grid_sample``. All
-    randomness comes from the CPU ``generator``, so results do not depend on the device.
-    """
-    batch, _, height, width = x.shape
-    cx, cy, w, h = _crop_boxes(batch, height, width, crop_scale, generator)
-    sign = torch.ones(batch)
-    if flip:
-        sign = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
-    shifts = torch.zeros(batch, 2, dtype=torch.long)
-    if jitter > 0:
-        shifts = torch.randint(-jitter, jitter + 1, (batch, 2), generator=generator)
-
-    # The grid F.affine_grid would build for theta = [[sign*w/W, 0, tx], [0, h/H, ty]]: with
-    # no shear it is separable, so build its columns and rows ([B, size] each) directly.
-    # roll: out[i] = in[(i - shift) mod n], i.e. output pixel i samples grid position
-    # (i - shift) mod n.
-    index = (torch.arange(size)[None, :] - shifts[:, :, None]) % size  # [B, 2, size]
-    centres = (2 * index + 1) / size - 1  # output pixel centres in [-1, 1]
-    gx = (sign * w / width)[:, None] * centres[:, 0] + (2 * cx / width - 1)[:, None]
-    gy = (h / height)[:, None] * centres[:, 1] + (2 * cy / height - 1)[:, None]
-    gx, gy = gx.to(x.device, x.dtype), gy.to(x.device, x.dtype)
-    grid = torch.stack(
-        [gx[:, None, :].expand(batch, size, size), gy[:, :, None].expand(batch, size, size)],
-        dim=-1,
-    )
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            if self.groups == 1:
+                return torch.zeros(())
+            # Per group: a [G] tensor must live on the model's device to be added.
+            device = next((p.device for p in self.model.parameters()), None)
+            return torch.zeros(self.groups, device=device)
+        if self.groups == 1:
+            return torch.stack(terms).sum()
+        return torch.stack(terms).sum(0)
 
 
 def resample(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -285,6 +229,8 @@ class RecoverResult:
     """Total loss of every iteration."""
     stage_resolutions: list[int] = field(default_factory=list)
     """Resolution actually used by each stage."""
+    group_losses: list[list[float]] = field(default_factory=list)
+    """Each group's loss of every iteration (one list without groups: ``losses``)."""
 
 
 StageHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -310,7 +256,9 @@ def _compiled(model: nn.Module) -> nn.Module:
     """``torch.compile(model)``, cached on the module so units of a worker compile once."""
     compiled = getattr(model, "_fadrm_compiled", None)
     if compiled is None:
-        compiled = torch.compile(model)
+        # dynamic=False: one graph per input shape (one per MRO resolution), no symbolic
+        # shapes; the shapes of a recover loop are fixed within a stage.
+        compiled = torch.compile(model, dynamic=False)
         # object.__setattr__: not registered as a submodule (state_dict stays unchanged).
         object.__setattr__(model, "_fadrm_compiled", compiled)
     return compiled
@@ -329,7 +277,7 @@ def _check_finite(log: torch.Tensor, start: int, stop: int) -> None:
     if not bool(torch.isfinite(chunk).all()):
         bad = start + int((~torch.isfinite(chunk)).nonzero()[0, 0])
         raise RuntimeError(
-            f"recover: non-finite loss {float(log[bad])} at iteration {bad}; "
+            f"recover: non-finite loss {float(log[bad].sum())} at iteration {bad}; "
             "try a lower recover.lr or disable mixed precision"
         )
 
@@ -357,7 +305,8 @@ class _Loop:
     bn_losses: list[BNStatLoss]
     labels: torch.Tensor
     bounds: tuple[torch.Tensor, torch.Tensor]
-    generator: torch.Generator
+    generators: list[torch.Generator]
+    """One per group (a group = one image per class, one unit's problem)."""
     scaler: torch.amp.GradScaler
     device: torch.device
     total: int
@@ -365,8 +314,12 @@ class _Loop:
     """Every iteration's loss, kept on the device (checked for finiteness now and then,
     so the loop does not wait for the device every iteration)."""
     progress: Callable[[int, int], None] | None
+    precision: str = "bf16"
     step: int = 0
     checked: int = 0
+    axes: torch.Tensor | None = None
+    """The current stage's augmentation grids ``[iterations, 2, B, size]`` on the device,
+    drawn when the stage starts (one host-to-device copy per stage, not per iteration)."""
 
 
 def recover(
@@ -377,11 +330,12 @@ def recover(
     mean: list[float],
     std: list[float],
     image_size: int,
-    seed: int,
+    seed: int | Sequence[int],
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
     residual_source: torch.Tensor | None = None,
     on_stage_end: StageHook | None = None,
+    precision: str = "bf16",
 ) -> RecoverResult:
     """Optimise the pixels of ``init`` (normalised fp32 ``[B, C, H, W]``) for ``labels``.
 
@@ -390,19 +344,38 @@ def recover(
     ``residual_source`` is P for ARC (default: ``init``). ``on_stage_end(stage, before,
     after)`` is called at the end of every stage with detached copies of x before and after
     the residual step (equal tensors where no residual applies). Deterministic for a seed
-    on the CPU.
+    on the CPU. ``precision`` is the autocast dtype (:mod:`fadrm.amp`) when the method
+    uses mixed precision.
+
+    Several problems in one forward (``recover.ipc_per_forward``): with ``seed`` a list of
+    G seeds, ``init`` holds G groups of ``B / G`` images (group-major), each optimised as
+    its own run with that seed would be: its own augmentation draws, its own BN-statistics
+    term, its own per-sample CE mean; Adam and the clamp are element-wise. The summed loss
+    gives each group the gradient of its own loss (up to float rounding of the larger
+    convolutions); ``losses`` holds the sums and ``group_losses`` each group's. The one
+    exception: with an fp16 GradScaler an overflow in one group skips the step for all.
+
+    The steady state reads nothing from the device: the augmentation of a whole stage is
+    drawn at its start, Adam keeps its step count on the host (fused on CUDA, GradScaler
+    included), and the losses stay on the device, checked for finiteness every
+    ``_PROGRESS_EVERY`` iterations.
     """
     spec = cfg.spec
     _check_inputs(init, labels, mean, std)
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    groups = len(seeds)
+    if groups < 1 or init.shape[0] % groups:
+        raise ValueError(f"recover: {init.shape[0]} images do not split into {groups} groups")
     if not spec.optimize:
         return RecoverResult(images=init.detach().float().cpu().clone())
     if not teachers:
         raise ValueError(f"recover: method {cfg.method!r} needs at least one teacher")
 
+    tune_for_fixed_shapes(device)
     stages = _stages(cfg, image_size)
     total = sum(n for _, n in stages)
     source = (init if residual_source is None else residual_source).detach().to(device).float()
-    bn_losses = [BNStatLoss(t, cfg.first_bn_multiplier) for t in teachers]
+    bn_losses = [BNStatLoss(t, cfg.first_bn_multiplier, groups) for t in teachers]
     x = init.detach().to(device, torch.float32)
     with _frozen(teachers), channels_last_models(teachers, cfg.channels_last), \
             contextlib.ExitStack() as hooks:
@@ -413,8 +386,10 @@ def recover(
         nets = [_compiled(t) for t in teachers] if cfg.compile else list(teachers)
         loop = _Loop(cfg, nets, bn_losses, labels.to(device, torch.long),
                      tuple(b.to(device) for b in pixel_bounds(mean, std)),
-                     torch.Generator().manual_seed(seed), grad_scaler(device, spec.mixed_precision),
-                     device, total, torch.zeros(total, device=device), progress)
+                     [torch.Generator().manual_seed(s) for s in seeds],
+                     grad_scaler(device, spec.mixed_precision, precision), device, total,
+                     torch.zeros((total,) if groups == 1 else (total, groups), device=device),
+                     progress, precision)
         for stage, (resolution, iterations) in enumerate(stages):
             x = _run_stage(loop, x, resolution, iterations)
             following = stages[stage + 1][0] if stage + 1 < len(stages) else None
@@ -424,10 +399,12 @@ def recover(
     if progress is not None and total == 0:
         progress(0, 0)
     images = resample(x.detach(), image_size).float().cpu().clone()
+    log = loop.log.cpu()
     return RecoverResult(
         images=images,
-        losses=loop.log.cpu().tolist(),
+        losses=(log if groups == 1 else log.sum(1)).tolist(),
         stage_resolutions=[r for r, _ in stages],
+        group_losses=[log.tolist()] if groups == 1 else log.T.tolist(),
     )
 
 
@@ -436,29 +413,41 @@ def _run_stage(loop: _Loop, x: torch.Tensor, resolution: int, iterations: int) -
     cosine schedule that spans all stages."""
     cfg = loop.cfg
     x = resample(x.detach(), resolution).clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
-    for _ in range(iterations):
-        _iteration(loop, x, opt, resolution)
+    opt = adam([x], loop.device, cfg.lr, (cfg.betas[0], cfg.betas[1]))
+    per_group = x.shape[0] // len(loop.generators)
+    axes = torch.cat([augment_axes(per_group, x.shape[2], x.shape[3], resolution,
+                                   cfg.crop_scale, cfg.flip, cfg.jitter, g, iterations)
+                      for g in loop.generators], dim=2)
+    if loop.device.type == "cuda":
+        axes = axes.pin_memory()
+    loop.axes = axes.to(loop.device, x.dtype, non_blocking=True)
+    for i in range(iterations):
+        _iteration(loop, x, opt, loop.axes[i])
+    loop.axes = None
     return x
 
 
 def _iteration(loop: _Loop, x: torch.Tensor, opt: torch.optim.Optimizer,
-               resolution: int) -> None:
+               axes: torch.Tensor) -> None:
     """One step: augment, teacher ``step mod K`` (FADRM+ round-robin), CE + BN loss,
     Adam, clamp x to valid pixels."""
     cfg = loop.cfg
     for group in opt.param_groups:
         group["lr"] = cosine_lr(cfg.lr, loop.step, loop.total)
     k = loop.step % len(loop.nets)
-    view = augment(x, resolution, cfg.crop_scale, cfg.flip, cfg.jitter, loop.generator)
-    view = to_layout(view, cfg.channels_last)
-    with autocast(loop.device, cfg.spec.mixed_precision):
+    view = to_layout(sample_axes(x, axes), cfg.channels_last)
+    with autocast(loop.device, cfg.spec.mixed_precision, loop.precision):
         logits = loop.nets[k](view)
-    loss = F.cross_entropy(logits.float(), loop.labels)
+    groups = len(loop.generators)
+    if groups == 1:
+        loss = F.cross_entropy(logits.float(), loop.labels)
+    else:  # each group's own CE mean
+        loss = F.cross_entropy(logits.float(), loop.labels, reduction="none")
+        loss = loss.view(groups, -1).mean(1)
     if cfg.r_bn > 0 and loop.bn_losses[k].num_layers:
         loss = loss + cfg.r_bn * loop.bn_losses[k].loss()
     opt.zero_grad(set_to_none=True)
-    loop.scaler.scale(loss).backward()
+    loop.scaler.scale(loss if groups == 1 else loss.sum()).backward()
     loop.scaler.step(opt)
     loop.scaler.update()
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Typed work-unit ids of the image stages, with their string form (part of shard names).
 
 ``b003`` is class block 3 (a select unit); ``b003-i0004`` is IPC index 4 of class block 3
-(a recover unit); ``e0015-0029`` is student epochs 15 to 29 (a relabel unit).
+(a recover unit; with ``recover.ipc_per_forward: G`` the unit of indices 4 to 4 + G - 1);
+``e0015-0029`` is student epochs 15 to 29 (a relabel unit).
 ``str(X.parse(s)) == s`` for every id a stage produces, so shard names, and with them the
 bytes and keys, are those of the string ids.
 """

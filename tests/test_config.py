@@ -68,6 +68,7 @@ def test_hints_say_where_a_setting_lives(overrides, path, words):
     (["relabel.label_mode=hard", "relabel.top_k=5"], "relabel.top_k", "soft labels only"),
     (["teachers.0.model=123"], "teachers[0].model", "string"),
     (["execution.max_workers=0"], "execution.max_workers", ">= min_workers"),
+    (["execution.precision=fp8"], "execution.precision", "'bf16', 'fp16' or 'fp32'"),
     (["select.teacher=3"], "select.teacher", "teachers"),
     (["student.nonsense.deep=1"], "student.nonsense", "unknown key"),
     (["ipc=0"], "ipc", "> 0"),

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu.common import BLOCKED_MODULES
+from benchmarks.gpu.compare import params_of, state_of
 from benchmarks.gpu.environment import arch_support
-from benchmarks.gpu.report import SCHEMA
+from benchmarks.gpu.report import SCHEMA, student_batch_words
+from benchmarks.gpu_check import SUMMARY_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCKED_RUN = (
@@ -53,6 +55,13 @@ def test_cpu_half_passes_without_cuda_and_without_ray(tmp_path):
             "speed.recover"} <= skipped
     assert all(parts[n]["reason"].startswith("no CUDA GPU") for n in skipped)
     assert (out / "gpu_check.log").read_text().count("cpu.ray_free_run") >= 1
+    # The results reach stdout too: the last line is the summary as one line of JSON.
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(SUMMARY_PREFIX)
+    summary = json.loads(last[len(SUMMARY_PREFIX):])
+    assert summary["ok"] is True and summary["exit_code"] == 0
+    assert summary["parts"] == {n: p["status"] for n, p in parts.items()}
+    assert summary["figures"] == report["figures"]
 
 
 def test_watchdog_leaves_a_valid_report_and_fails(tmp_path):
@@ -77,3 +86,56 @@ def test_arch_support(capability, arch_list, supported):
     assert ok is supported, reason
     if not ok:
         assert f"sm_{capability[0]}{capability[1]}" in reason and arch_list[0] in reason
+
+
+def test_student_batch_reads_as_micro_batches_not_a_product():
+    words = student_batch_words({"batch": 16, "accumulation_steps": 2})
+    assert words == "stored batch 16 as 2 micro-batches of 8"
+    assert "x" not in words
+    assert student_batch_words({"batch": 10, "accumulation_steps": 1}) == (
+        "stored batch 10 in one micro-batch")
+    assert student_batch_words({"batch": 10, "accumulation_steps": 3}) == (
+        "stored batch 10 as 3 micro-batches of 4 or fewer")
+
+
+def test_weights_moved_counts_parameters_not_bn_buffers():
+    # A train-mode forward without any optimiser step: the BN buffers move, the parameters
+    # do not, so the fp16 "weights moved" checks must look at the parameters only.
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    before_params, before_state = params_of(net), state_of(net)
+    net.train()(torch.randn(2, 3, 8, 8))
+    assert all(torch.equal(before_params[k], v) for k, v in params_of(net).items())
+    assert not all(torch.equal(before_state[k], v) for k, v in state_of(net).items())
+    assert set(params_of(net)) == {n for n, _ in net.named_parameters()}
+
+
+def test_figures_carry_the_fp16_and_grouped_variants(tmp_path):
+    from benchmarks.gpu.report import Report, figures, summary_table
+
+    report = Report(tmp_path, [])
+
+    def part(result: dict) -> dict:
+        return {"status": "passed", "seconds": 1.0, "error": None, "result": result}
+
+    report.parts["speed.recover"] = part({
+        "seconds_per_image": 0.05, "precision": "bf16",
+        "fp16_scaler": {"seconds_per_image": 0.07},
+        "ipc_per_forward_2": {"seconds_per_image": 0.04}})
+    report.parts["speed.relabel"] = part({
+        "images_per_s": 5e4, "fp16_scaler": {"images_per_s": 4e4},
+        "batches_per_forward_8": {"images_per_s": 9e4}})
+    report.parts["speed.student"] = part({
+        "images_per_s": 8e3, "ms_per_step": 2.0, "batch": 16, "accumulation_steps": 2,
+        "fp16_scaler": {"ms_per_step": 2.5}})
+    report.data["device"] = "cuda:0"
+    f = report.data["figures"] = figures(report)
+    assert (f["recover_s_per_image"], f["recover_s_per_image_fp16_scaler"],
+            f["recover_s_per_image_ipc_per_forward_2"]) == (0.05, 0.07, 0.04)
+    assert (f["relabel_images_per_s_fp16_scaler"],
+            f["relabel_images_per_s_batches_per_forward_8"]) == (4e4, 9e4)
+    assert (f["student_ms_per_step"], f["student_ms_per_step_fp16_scaler"]) == (2.0, 2.5)
+    assert f["precision"] == "bf16"
+    table = summary_table(report)
+    assert "with fp16 + GradScaler" in table and "stored batch 16 as 2 micro-batches" in table

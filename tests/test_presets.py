@@ -7,7 +7,7 @@ fails here; change the table only together with docs/PRESETS.md and the reason.
 
 import pytest
 
-from fadrm.config import list_presets, load_config
+from fadrm.config import list_presets, load_config, preset_path
 
 R18 = "torchvision:resnet18"
 FOUR = [R18, "torchvision:densenet121", "torchvision:shufflenet_v2_x1_0",
@@ -133,3 +133,12 @@ def test_other_ipc_is_an_override():
     # What docs/PRESETS.md tells users to --set for IPC 50 (ImageNette FADRM+).
     cfg = load_config("imagenette-fadrm-plus", ["ipc=50", "student.eta=2"])
     assert cfg.ipc == 50 and cfg.student.eta == 2.0 and cfg.student.lr == 5e-4
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_presets_say_their_precision(name):
+    # bf16 autocast without a scaler (the GPU default; the CPU's dtype of before); the
+    # paper's fp16 + GradScaler is execution.precision: fp16.
+    text = preset_path(name).read_text()
+    assert "\n  precision: bf16" in text
+    assert load_config(name).execution.precision == "bf16"

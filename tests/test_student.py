@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+import fadrm.optim
 from fadrm.config import RelabelConfig, StudentConfig
 from fadrm.data import ImageSet, normalize
 from fadrm.formats.labels import epoch_table, soft_targets, views_from_table
@@ -217,8 +218,9 @@ def test_wrong_class_count_is_rejected():
 # --------------------------------------------------------------------------- DDP
 
 
-class RecordingAdamW(torch.optim.AdamW):
-    """AdamW that keeps a copy of the gradients it steps with (after DDP's all-reduce)."""
+class RecordingAdamW(fadrm.optim.HostStepAdam):
+    """The student's CPU AdamW, keeping a copy of the gradients it steps with (after DDP's
+    all-reduce)."""
 
     steps: ClassVar[list[list[torch.Tensor]]] = []
 
@@ -231,13 +233,13 @@ class RecordingAdamW(torch.optim.AdamW):
 def _train_recorded(images, table, val, cfg) -> tuple[nn.Module, dict, list]:
     RecordingAdamW.steps = []
     model = tiny_net(seed=7, bn=False)  # BN would see per-rank statistics
-    original = torch.optim.AdamW
-    torch.optim.AdamW = RecordingAdamW
+    original = fadrm.optim.HostStepAdam
+    fadrm.optim.HostStepAdam = RecordingAdamW
     try:
         result = train_student(model, images, lambda e: table, val, cfg, 2, MEAN, STD, 4,
                                CPU, seed=0)
     finally:
-        torch.optim.AdamW = original
+        fadrm.optim.HostStepAdam = original
     return model, result, RecordingAdamW.steps
 
 

@@ -371,7 +371,10 @@ def test_fresh_adam_per_stage_under_one_cosine_schedule(monkeypatch):
     created: list[torch.optim.Optimizer] = []
     lrs: list[float] = []
 
-    class RecordingAdam(torch.optim.Adam):
+    import fadrm.optim
+
+    # Recover's Adam on the CPU: torch's arithmetic with the step count on the host.
+    class RecordingAdam(fadrm.optim.HostStepAdam):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             created.append(self)
@@ -380,7 +383,7 @@ def test_fresh_adam_per_stage_under_one_cosine_schedule(monkeypatch):
             lrs.append(self.param_groups[0]["lr"])
             return super().step(closure)
 
-    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    monkeypatch.setattr(fadrm.optim, "HostStepAdam", RecordingAdam)
     cfg = cfg_for("fadrm", [8, 6, 8], [3, 2, 3])
     recover(init_images(size=8), torch.arange(4), [tiny_teacher()], cfg, MEAN, STD, 8, 0, CPU)
     assert len(created) == 3  # Adam state is reset at every stage

@@ -68,6 +68,12 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
             if v.is_floating_point()}
 
 
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters only: BN's running statistics move on every forward, even
+    when a GradScaler skipped every step, so "the weights moved" must not count them."""
+    return {k: p.detach().float().cpu().clone() for k, p in model.named_parameters()}
+
+
 def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([v.flatten() for v in state.values()])
 

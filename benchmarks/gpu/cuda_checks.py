@@ -36,8 +36,11 @@ from torch import nn
 
 from benchmarks.gpu.common import MEAN, STD, make_image_folder, sync, tiny_cpu_config
 from benchmarks.gpu.compare import (assert_close, assert_update_close, calibrate_bn, convnet,
-                                    flat, pixels, resnet18, state_of, strict_fp32,
+                                    flat, params_of, pixels, resnet18, state_of, strict_fp32,
                                     uint8_images)
+from benchmarks.gpu.loop_checks import (check_compiled_recover_matches_eager,
+                                        check_fp16_recover_loop,
+                                        check_steady_states_never_sync)
 
 __all__ = ["CHECKS", "Check", "cuda_available"]
 
@@ -89,68 +92,6 @@ def check_recover_step_matches_cpu(device: str = "cuda") -> None:
         raise AssertionError(f"recover returned images on {out.images.device}, not the CPU")
     assert_update_close(f"recover pixels on {dev} vs CPU", out.images, ref.images, init,
                         rtol=1e-3)
-
-
-def check_fp16_recover_loop(device: str = "cuda") -> None:
-    """The mixed-precision recover loop (method fadrm, MRO 24 -> 32 px, 40 iterations).
-
-    On CUDA the teacher must run in fp16 under an enabled GradScaler (bf16, no scaler on the
-    CPU); every loss finite, and the mean of the last 5 losses below 0.95 x the first 5.
-    Augmentation is off (whole-image crops, no flip or shift), so the loss depends on the
-    pixels alone and a random teacher's loss falls steadily (by ~12 % in bf16 on the CPU).
-    """
-    from fadrm import synthesis
-    from fadrm.config import RecoverConfig
-
-    dev = _device(device)
-    teacher = calibrate_bn(resnet18(10, seed=0), seed=1).to(dev)
-    init = pixels(16, 32, seed=3)
-    labels = torch.arange(16) % 10
-    cfg = RecoverConfig(method="fadrm", resolutions=[24, 32], stage_iterations=[10, 30],
-                        lr=0.1, jitter=0, crop_scale=[1.0, 1.0], flip=False)
-    cfg.validate("recover")
-    seen: dict = {}
-    original = synthesis.grad_scaler
-
-    def spy(device_: torch.device, enabled: bool = True):
-        seen["scaler"] = original(device_, enabled)
-        return seen["scaler"]
-
-    first_conv = next(m for m in teacher.modules() if isinstance(m, nn.Conv2d))
-
-    def record_dtype(_module, _inputs, out) -> None:
-        seen.setdefault("dtype", out.dtype)
-
-    handle = first_conv.register_forward_hook(record_dtype)
-    synthesis.grad_scaler = spy
-    try:
-        result = synthesis.recover(init, labels, [teacher], cfg, MEAN, STD, 32, seed=0,
-                                   device=dev)
-    finally:
-        synthesis.grad_scaler = original
-        handle.remove()
-    want = torch.float16 if dev.type == "cuda" else torch.bfloat16
-    if seen.get("dtype") != want:
-        raise AssertionError(f"teacher convolutions ran in {seen.get('dtype')}, expected "
-                             f"{want} under recover's autocast on {dev.type}")
-    scaler = seen.get("scaler")
-    if scaler is None:
-        raise AssertionError("recover did not create a GradScaler")
-    if dev.type == "cuda":
-        if not scaler.is_enabled():
-            raise AssertionError("the GradScaler of fp16 recover on CUDA is disabled")
-        scale = float(scaler.get_scale())
-        if not math.isfinite(scale) or scale <= 0:
-            raise AssertionError(f"GradScaler scale is {scale}")
-    losses = torch.tensor(result.losses)
-    if len(losses) != 40 or not bool(torch.isfinite(losses).all()):
-        raise AssertionError(f"recover losses: {result.losses}")
-    first, last = float(losses[:5].mean()), float(losses[-5:].mean())
-    if not last < 0.95 * first:
-        raise AssertionError(f"fp16 recover did not lower the loss: first 5 mean {first:.4f}, "
-                             f"last 5 mean {last:.4f}")
-    if not bool(torch.isfinite(result.images).all()):
-        raise AssertionError("fp16 recover produced non-finite pixels")
 
 
 def check_bn_stats_match_cpu(device: str = "cuda") -> None:
@@ -282,8 +223,8 @@ def _student_data(num_classes: int = 4):
     images = uint8_images(16, 32, seed=6)
     labels = torch.arange(16) % num_classes
     teacher = convnet(num_classes, seed=3)
-    cfg = RelabelConfig(epochs=1, batch_size=8, epochs_per_shard=1)
-    table = relabel_epochs([teacher], images, MEAN, STD, cfg, range(1), seed=3, device=CPU)
+    cfg = RelabelConfig(epochs=2, batch_size=8, epochs_per_shard=2)
+    table = relabel_epochs([teacher], images, MEAN, STD, cfg, range(2), seed=3, device=CPU)
     val = ImageSet(images[:8], labels[:8], [f"c{i}" for i in range(num_classes)])
     return images, table, val
 
@@ -291,8 +232,10 @@ def _student_data(num_classes: int = 4):
 def check_student_step(device: str = "cuda") -> None:
     """One student epoch (two AdamW steps on stored views, KD loss) on ``device`` vs the CPU
     in fp32 with a ConvNet student: epoch loss within rtol 1e-4, weight update within 1e-3
-    (relative L2). Then a ResNet-18 student in fp16 + GradScaler on ``device``: finite loss,
-    weights moved, still on the device and back in the plain memory layout."""
+    (relative L2). Then a ResNet-18 student in fp16 + GradScaler on ``device`` (the paper's
+    ``execution.precision: fp16``, two epochs, four steps): finite loss, parameters (not BN
+    buffers, which move even when the scaler skips every step) moved, still on the device
+    and back in the plain memory layout."""
     from fadrm.config import StudentConfig
     from fadrm.models import ConvNet
     from fadrm.student import train_student
@@ -303,43 +246,45 @@ def check_student_step(device: str = "cuda") -> None:
                         mixed_precision=False, eval_batch_size=8)
     cfg.validate("student")
 
-    def run(student: nn.Module, on: torch.device, scfg: StudentConfig) -> tuple[dict, dict]:
+    def run(student: nn.Module, on: torch.device, scfg: StudentConfig, epochs: int = 1,
+            precision: str = "bf16") -> tuple[dict, dict]:
         model = copy.deepcopy(student)
-        result = train_student(model, images, lambda _epoch: table, val, scfg, 1, MEAN, STD,
-                               4, on, seed=0)
+        result = train_student(model, images, lambda _epoch: table, val, scfg, epochs, MEAN,
+                               STD, 4, on, seed=0, precision=precision)
         for name, p in model.named_parameters():
             if p.device != on:
                 raise AssertionError(f"student parameter {name} on {p.device}, expected {on}")
             if p.dim() == 4 and not p.is_contiguous():
                 raise AssertionError(f"student parameter {name} left in channels_last")
-        return result, state_of(model)
+        return result, model
 
     torch.manual_seed(2)
     small = ConvNet(4, 3, 32)
     with strict_fp32():
-        ref, ref_state = run(small, CPU, cfg)
-        out, state = run(small, dev, cfg)
+        ref, ref_model = run(small, CPU, cfg)
+        out, model = run(small, dev, cfg)
     assert_close(f"student epoch loss on {dev} vs CPU", out["history"][0]["loss"],
                  ref["history"][0]["loss"], rtol=1e-4)
-    assert_update_close(f"student weights on {dev} vs CPU", flat(state), flat(ref_state),
-                        flat(state_of(small)), rtol=1e-3)
+    assert_update_close(f"student weights on {dev} vs CPU", flat(state_of(model)),
+                        flat(state_of(ref_model)), flat(state_of(small)), rtol=1e-3)
 
     big = resnet18(4, seed=2)
-    amp, amp_state = run(big, dev, dataclasses.replace(cfg, mixed_precision=True))
-    loss = amp["history"][0]["loss"]
+    amp, amp_model = run(big, dev, dataclasses.replace(cfg, mixed_precision=True), epochs=2,
+                         precision="fp16")
+    loss = amp["history"][-1]["loss"]
     if not math.isfinite(loss) or loss <= 0:
         raise AssertionError(f"mixed-precision student loss on {dev}: {loss}")
-    moved = flat(amp_state) - flat(state_of(big))
+    moved = flat(params_of(amp_model)) - flat(params_of(big))
     if not bool(torch.isfinite(moved).all()) or float(moved.abs().max()) == 0.0:
-        raise AssertionError(f"mixed-precision ResNet-18 student step on {dev}: weights "
-                             "non-finite or unchanged")
+        raise AssertionError(f"fp16 ResNet-18 student steps on {dev}: parameters "
+                             "non-finite or unchanged (did the GradScaler skip every step?)")
 
 
 def check_squeeze_step(device: str = "cuda") -> None:
     """One squeeze epoch (four SGD steps, on-device augmentation, the device image cache) on
     ``device`` vs the CPU in fp32 with a ConvNet: the update of weights and BN buffers within
-    1e-3 (relative L2) of the CPU's. Then a ResNet-18 in fp16 + GradScaler: weights moved and
-    finite. The caller's training images stay on the CPU."""
+    1e-3 (relative L2) of the CPU's. Then a ResNet-18 in fp16 + GradScaler: parameters (not
+    BN buffers) moved and finite. The caller's training images stay on the CPU."""
     from fadrm.config import DataConfig, SqueezeConfig
     from fadrm.data import ImageSet
     from fadrm.models import ConvNet
@@ -355,29 +300,30 @@ def check_squeeze_step(device: str = "cuda") -> None:
     cfg = SqueezeConfig(epochs=1, batch_size=8, lr=0.05, mixed_precision=False)
     cfg.validate("squeeze")
 
-    def run(teacher: nn.Module, on: torch.device, scfg: SqueezeConfig) -> tuple[float, dict]:
+    def run(teacher: nn.Module, on: torch.device, scfg: SqueezeConfig) -> tuple[float, nn.Module]:
         model = copy.deepcopy(teacher)
         top1 = train_teacher(model, train, val, scfg, data, on, seed=0)
         if not 0.0 <= top1 <= 100.0:
             raise AssertionError(f"squeeze top-1 on {on}: {top1}")
-        return top1, state_of(model)
+        return top1, model
 
     torch.manual_seed(3)
     small = ConvNet(4, 3, 32)
     with strict_fp32():
-        _, ref_state = run(small, CPU, cfg)
-        _, state = run(small, dev, cfg)
-    assert_update_close(f"squeeze weights and BN buffers on {dev} vs CPU", flat(state),
-                        flat(ref_state), flat(state_of(small)), rtol=1e-3)
+        _, ref_model = run(small, CPU, cfg)
+        _, model = run(small, dev, cfg)
+    assert_update_close(f"squeeze weights and BN buffers on {dev} vs CPU",
+                        flat(state_of(model)), flat(state_of(ref_model)),
+                        flat(state_of(small)), rtol=1e-3)
     if train.images.device.type != "cpu":
         raise AssertionError("squeeze moved the caller's training images")
 
     big = resnet18(4, seed=3)
-    _, amp_state = run(big, dev, dataclasses.replace(cfg, mixed_precision=True))
-    moved = flat(amp_state) - flat(state_of(big))
+    _, amp_model = run(big, dev, dataclasses.replace(cfg, mixed_precision=True))
+    moved = flat(params_of(amp_model)) - flat(params_of(big))
     if not bool(torch.isfinite(moved).all()) or float(moved.abs().max()) == 0.0:
-        raise AssertionError(f"mixed-precision ResNet-18 squeeze step on {dev}: weights "
-                             "non-finite or unchanged")
+        raise AssertionError(f"fp16 ResNet-18 squeeze steps on {dev}: parameters non-finite "
+                             "or unchanged (did the GradScaler skip every step?)")
 
 
 def check_nccl_ddp(device: str = "cuda") -> None:
@@ -507,6 +453,8 @@ class Check:
 CHECKS: list[Check] = [
     Check("recover_step_matches_cpu", check_recover_step_matches_cpu),
     Check("fp16_recover_loop", check_fp16_recover_loop),
+    Check("compiled_recover_matches_eager", check_compiled_recover_matches_eager),
+    Check("steady_states_never_sync", check_steady_states_never_sync),
     Check("bn_stats_match_cpu", check_bn_stats_match_cpu),
     Check("relabel_deterministic", check_relabel_deterministic),
     Check("student_step", check_student_step),

@@ -127,12 +127,16 @@ def summary_table(report: Report) -> str:
     f = report.data["figures"]
     if report.data["device"] and any(f.get(k) is not None for k in _MEASURED):
         student = (report.parts.get("speed.student") or {}).get("result") or {}
-        at = (f"batch {student['batch']} x {student['accumulation_steps']}"
-              if student else "preset batch")
+        at = student_batch_words(student) if student else "preset batch"
+        precision = f.get("precision") or "default"
         lines += ["", "figure                                  value",
                   f"recover s/image (preset, extrapolated)  "
-                  f"{_fmt(f.get('recover_s_per_image'))}   (paper: {PAPER_S_PER_IMAGE} s on "
-                  f"one {PAPER_GPU})",
+                  f"{_fmt(f.get('recover_s_per_image'))}   ({precision}; paper: "
+                  f"{PAPER_S_PER_IMAGE} s on one {PAPER_GPU})",
+                  f"  with fp16 + GradScaler                "
+                  f"{_fmt(f.get('recover_s_per_image_fp16_scaler'))}",
+                  f"  with 2 IPC indices per forward        "
+                  f"{_fmt(f.get('recover_s_per_image_ipc_per_forward_2'))}",
                   f"recover peak GPU memory, MiB            "
                   f"{_fmt(f.get('recover_peak_gpu_mib'), '.0f')}",
                   f"recover TFLOP/s, of the mm peak         {_fmt(f.get('recover_tflops'))}, "
@@ -141,10 +145,46 @@ def summary_table(report: Report) -> str:
                   f"{_fmt(f.get('matmul_peak_tflops'))}",
                   f"relabel images/s                        "
                   f"{_fmt(f.get('relabel_images_per_s'))}",
-                  f"student images/s ({at})".ljust(40) + _fmt(f.get("student_images_per_s")),
+                  f"  with fp16 + GradScaler                "
+                  f"{_fmt(f.get('relabel_images_per_s_fp16_scaler'))}",
+                  f"  with 8 stored batches per forward     "
+                  f"{_fmt(f.get('relabel_images_per_s_batches_per_forward_8'))}",
+                  f"student images/s                        "
+                  f"{_fmt(f.get('student_images_per_s'))}   ({at})",
+                  f"student ms per step                     "
+                  f"{_fmt(f.get('student_ms_per_step'))}",
+                  f"  with fp16 + GradScaler                "
+                  f"{_fmt(f.get('student_ms_per_step_fp16_scaler'))}",
                   f"whole pipeline on the device, s         "
                   f"{_fmt(f.get('pipeline_seconds'), '.1f')}"]
     return "\n".join(lines)
+
+
+def student_batch_words(result: dict) -> str:
+    """The student's step as it runs: one stored batch as micro-batches (the BN batch), e.g.
+    "stored batch 16 as 2 micro-batches of 8" (not "16 x 2", which reads as 32 images)."""
+    batch, steps = result["batch"], result["accumulation_steps"]
+    parts = min(steps, batch)
+    size = -(-batch // parts)
+    if parts == 1:
+        return f"stored batch {batch} in one micro-batch"
+    return f"stored batch {batch} as {parts} micro-batches of {size}" + (
+        "" if batch % parts == 0 else " or fewer")
+
+
+def summary_json(report: Report) -> dict:
+    """What the end of the run prints on stdout as one JSON line (the figures and each
+    part's status), so a job whose working directory is not kept still leaves them in its
+    log; the whole record is ``OUT/gpu_check.json``."""
+    gpus = (report.data.get("environment") or {}).get("gpus") or []
+    return _clean({
+        "schema": SCHEMA, "ok": report.data["ok"], "exit_code": report.data["exit_code"],
+        "message": report.data["message"], "device": report.data["device"],
+        "gpu": gpus[0]["name"] if gpus else None, "rehearsal": report.data["rehearsal"],
+        "figures": report.data["figures"], "failures": report.data["failures"],
+        "parts": {name: p["status"] for name, p in report.parts.items()},
+        "report": str(report.path),
+    })
 
 
 _MEASURED = ("recover_s_per_image", "matmul_peak_tflops", "relabel_images_per_s",
@@ -158,6 +198,11 @@ def figures(report: Report) -> dict:
         return part.get("result") or {}
 
     rec, mm = result("speed.recover"), result("speed.matmul_peak")
+    rel, stu = result("speed.relabel"), result("speed.student")
+
+    def variant(part: dict, name: str, key: str):
+        return (part.get(name) or {}).get(key)
+
     return {
         "recover_s_per_image": rec.get("seconds_per_image"),
         "paper_recover_s_per_image": PAPER_S_PER_IMAGE,
@@ -167,7 +212,18 @@ def figures(report: Report) -> dict:
         "recover_tflops": rec.get("achieved_tflops"),
         "recover_fraction_of_fp16_peak": rec.get("fraction_of_fp16_peak"),
         "matmul_peak_tflops": mm.get("peak_tflops"),
-        "relabel_images_per_s": result("speed.relabel").get("images_per_s"),
-        "student_images_per_s": result("speed.student").get("images_per_s"),
+        "relabel_images_per_s": rel.get("images_per_s"),
+        "student_images_per_s": stu.get("images_per_s"),
         "pipeline_seconds": result("pipeline.local_executor").get("seconds"),
+        # Issue 23: the default precision (bf16) beside the paper's fp16 + GradScaler, and
+        # more images per forward.
+        "precision": rec.get("precision"),
+        "recover_s_per_image_fp16_scaler": variant(rec, "fp16_scaler", "seconds_per_image"),
+        "recover_s_per_image_ipc_per_forward_2": variant(rec, "ipc_per_forward_2",
+                                                         "seconds_per_image"),
+        "relabel_images_per_s_fp16_scaler": variant(rel, "fp16_scaler", "images_per_s"),
+        "relabel_images_per_s_batches_per_forward_8": variant(rel, "batches_per_forward_8",
+                                                              "images_per_s"),
+        "student_ms_per_step": stu.get("ms_per_step"),
+        "student_ms_per_step_fp16_scaler": variant(stu, "fp16_scaler", "ms_per_step"),
     }

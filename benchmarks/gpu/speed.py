@@ -3,8 +3,12 @@
 The ``torch.mm`` peak; recover seconds per image over a timed window, extrapolated to the
 preset's iterations (beside the paper's 0.47 s on one RTX 4090), with peak GPU memory and the
 fraction of the measured mm peak it reaches; relabel and student images per second. Each
-benchmark is time-boxed by ``Sizes``; the recover one leaves the preset and its teacher in a
-``SpeedState`` for the others.
+loop is timed at the preset's ``execution.precision`` (bf16, the default) and again, in the
+same run, with the paper's fp16 + GradScaler (``*_fp16_scaler``: the same code, only the
+precision differs), and recover / relabel once more with several IPC indices / stored
+batches per forward (``recover.ipc_per_forward`` 2, ``relabel.batches_per_forward`` 8).
+Each benchmark is time-boxed by ``Sizes``; the recover one leaves the preset and its teacher
+in a ``SpeedState`` for the others.
 """
 
 from __future__ import annotations
@@ -82,12 +86,16 @@ def bench_recover(device, sizes: Sizes, state: SpeedState, fp16_peak: float | No
     labels = torch.arange(batch) % num_classes
     full = list(rc.stage_iterations)
 
-    def run(iterations: list[int]) -> float:
+    def run(iterations: list[int], precision: str = preset.execution.precision,
+            groups: int = 1) -> float:
         cfg = dataclasses.replace(rc, stage_iterations=iterations)
+        x, y = (init, labels) if groups == 1 else (init.repeat(groups, 1, 1, 1),
+                                                   labels.repeat(groups))
         sync(device)
         start = time.perf_counter()
-        recover(init, labels, [teacher], cfg, preset.data.mean, preset.data.std, size, seed=0,
-                device=device)
+        recover(x, y, [teacher], cfg, preset.data.mean, preset.data.std, size,
+                seed=0 if groups == 1 else list(range(groups)), device=device,
+                precision=precision)
         sync(device)
         return time.perf_counter() - start
 
@@ -120,7 +128,8 @@ def bench_recover(device, sizes: Sizes, state: SpeedState, fp16_peak: float | No
         "preset": PRESET, "teacher": preset.teachers[0].model, "classes": num_classes,
         "batch": batch, "resolutions": list(rc.resolutions), "preset_iterations": full,
         "timed_iterations": window, "method": rc.method,
-        "mixed_precision": rc.spec.mixed_precision, "warmup_seconds": warmup,
+        "mixed_precision": rc.spec.mixed_precision,
+        "precision": preset.execution.precision, "warmup_seconds": warmup,
         "window_seconds": seconds, "seconds_per_iteration": per_iteration,
         "extrapolated_seconds_per_batch": total,
         "seconds_per_image": total / batch,
@@ -132,6 +141,18 @@ def bench_recover(device, sizes: Sizes, state: SpeedState, fp16_peak: float | No
         "achieved_tflops": rate / 1e12,
         "fraction_of_fp16_peak": rate / fp16_peak if fp16_peak else None,
     }
+    # The same loop with the paper's fp16 + GradScaler, and with 2 IPC indices per forward
+    # (2 x batch images per iteration), each over a window half as long.
+    half = [max(2, n // 2) for n in window]
+    for name, precision, groups in (("fp16_scaler", "fp16", 1), ("ipc_per_forward_2",
+                                                                   preset.execution.precision, 2)):
+        run([1] * stages, precision, groups)  # this variant's kernels and graphs
+        took = run(half, precision, groups)
+        per_image = took * sum(full) / sum(half) / (batch * groups)
+        out[name] = {"precision": precision, "ipc_per_forward": groups,
+                     "timed_iterations": half, "window_seconds": took,
+                     "seconds_per_iteration": took / sum(half), "seconds_per_image": per_image,
+                     "vs_default": per_image / out["seconds_per_image"]}
     log.info("   recover: %.3f s/image extrapolated to %d iterations (paper: %.2f s on one "
              "%s), %.1f ms/iteration, peak %s MiB", out["seconds_per_image"], sum(full),
              PAPER_S_PER_IMAGE, PAPER_GPU, per_iteration * 1e3,
@@ -171,20 +192,33 @@ def bench_relabel(device, sizes: Sizes, state: SpeedState) -> dict:
     images = _random_images(sizes.relabel_images, preset.data.resolution, seed=2)
     n = len(images)
 
-    def run(epochs: range) -> tuple[float, Any]:
+    def run(epochs: range, precision: str = preset.execution.precision,
+            cfg=rcfg) -> tuple[float, Any]:
         sync(device)
         start = time.perf_counter()
-        table = relabel_epochs([teacher], images, preset.data.mean, preset.data.std, rcfg,
-                               epochs, seed=0, device=device)
+        table = relabel_epochs([teacher], images, preset.data.mean, preset.data.std, cfg,
+                               epochs, seed=0, device=device, precision=precision)
         sync(device)
         return time.perf_counter() - start, table
 
     first, _ = run(range(1))  # warm-up, and the size of the timed window
-    epochs = max(1, min(10, int(sizes.relabel_budget_s * 0.6 / max(first, 1e-3))))
+    epochs = max(1, min(10, int(sizes.relabel_budget_s * 0.4 / max(first, 1e-3))))
     seconds, _ = run(range(1, 1 + epochs))
-    return {"teacher": preset.teachers[0].model, "images": n, "batch": rcfg.batch_size,
-            "teacher_bn_mode": rcfg.teacher_bn_mode, "epochs": epochs, "seconds": seconds,
-            "images_per_s": n * epochs / seconds}
+    out = {"teacher": preset.teachers[0].model, "images": n, "batch": rcfg.batch_size,
+           "teacher_bn_mode": rcfg.teacher_bn_mode, "precision": preset.execution.precision,
+           "epochs": epochs, "seconds": seconds, "images_per_s": n * epochs / seconds}
+    # The paper's fp16 + GradScaler, then 8 stored batches per teacher forward (ghost BN),
+    # each over half the epochs.
+    short = range(1, 1 + max(1, epochs // 2))
+    for name, precision, per_forward in (("fp16_scaler", "fp16", 1), (
+            "batches_per_forward_8", preset.execution.precision, 8)):
+        cfg = dataclasses.replace(rcfg, batches_per_forward=per_forward)
+        run(range(1), precision, cfg)  # warm-up
+        took, _ = run(short, precision, cfg)
+        out[name] = {"precision": precision, "batches_per_forward": per_forward,
+                     "epochs": len(short), "seconds": took,
+                     "images_per_s": n * len(short) / took}
+    return out
 
 
 def bench_student(device, sizes: Sizes, state: SpeedState) -> dict:
@@ -206,20 +240,32 @@ def bench_student(device, sizes: Sizes, state: SpeedState) -> dict:
                    [f"c{i}" for i in range(num_classes)])
     cfg = dataclasses.replace(preset.student, eval_every=0, eval_batch_size=16)
 
-    def run(num_epochs: int) -> float:
+    def run(num_epochs: int, precision: str = preset.execution.precision) -> float:
         torch.manual_seed(0)
         model = create_model(preset.student.model, num_classes, 3, size).to(device)
         result = train_student(model, images, lambda _epoch: table, val, cfg, num_epochs,
-                               preset.data.mean, preset.data.std, num_classes, device, seed=0)
+                               preset.data.mean, preset.data.std, num_classes, device, seed=0,
+                               precision=precision)
         if not math.isfinite(result["history"][-1]["loss"]):
             raise AssertionError(f"student loss {result['history'][-1]['loss']}")
         return result["seconds"]
 
     first = run(1)  # warm-up, and the size of the timed window
-    epochs = max(1, min(4, int(sizes.student_budget_s * 0.6 / max(first, 1e-3))))
+    epochs = max(1, min(4, int(sizes.student_budget_s * 0.4 / max(first, 1e-3))))
     seconds = run(epochs)
-    return {"model": preset.student.model, "images": n, "batch": preset.relabel.batch_size,
-            "accumulation_steps": cfg.accumulation_steps,
-            "mixed_precision": cfg.mixed_precision, "epochs": epochs, "seconds": seconds,
-            "images_per_s": n * epochs / seconds}
+    steps = epochs * -(-n // preset.relabel.batch_size)  # one step per stored batch
+    out = {"model": preset.student.model, "images": n, "batch": preset.relabel.batch_size,
+           "accumulation_steps": cfg.accumulation_steps,
+           "mixed_precision": cfg.mixed_precision, "precision": preset.execution.precision,
+           "epochs": epochs, "seconds": seconds, "images_per_s": n * epochs / seconds,
+           "ms_per_step": 1e3 * seconds / steps}
+    # The paper's fp16 + GradScaler over half the epochs (seconds include the final
+    # evaluation of 16 images, as above).
+    short = max(1, epochs // 2)
+    run(1, "fp16")  # warm-up
+    took = run(short, "fp16")
+    out["fp16_scaler"] = {"precision": "fp16", "epochs": short, "seconds": took,
+                          "images_per_s": n * short / took,
+                          "ms_per_step": 1e3 * took / (short * -(-n // preset.relabel.batch_size))}
+    return out
 

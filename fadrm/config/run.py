@@ -53,6 +53,11 @@ class ExecutionConfig:
     sha256 of every byte only when true (slow at scale). Either way each shard's sha256 is
     verified when a stage reads it, so a damaged shard is never used; damaged outputs are
     discarded and regenerated."""
+    precision: str = "bf16"
+    """Autocast dtype of recover, relabel and the student: 'bf16' (no scaler; the default),
+    'fp16' (+ GradScaler on CUDA: the paper's setting) or 'fp32'. The CPU runs bf16 for
+    both 'bf16' and 'fp16'. Part of those stages' keys when it is not 'bf16'. A loop's own
+    mixed_precision: false (SRe2L's recover, student.mixed_precision) still means fp32."""
 
     def validate(self, p: str) -> None:
         _positive(self.min_workers, f"{p}.min_workers")
@@ -71,6 +76,9 @@ class ExecutionConfig:
             _positive(self.resource_wait_s, f"{p}.resource_wait_s")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{p}.device", "must be 'auto', 'cpu' or 'cuda'")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"{p}.precision",
+                              f"must be 'bf16', 'fp16' or 'fp32', got {self.precision!r}")
         if self.worker_group not in ("shared", "per_stage"):
             raise ConfigError(f"{p}.worker_group",
                               f"must be 'shared' or 'per_stage', got {self.worker_group!r}")
@@ -140,6 +148,9 @@ class RunConfig:
                 f"{len(self.teachers)} teachers",
             )
         self.recover.validate("recover")
+        if self.recover.ipc_per_forward > self.ipc:
+            raise ConfigError("recover.ipc_per_forward",
+                              f"must be <= ipc ({self.ipc}), got {self.recover.ipc_per_forward}")
         self.relabel.validate("relabel")
         self.student.validate("student")
         self.evaluate.validate("evaluate")

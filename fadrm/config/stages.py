@@ -99,6 +99,12 @@ class RecoverConfig:
     compile: bool = False
     """torch.compile the teachers' forward (off: on a 2-core CPU compiling costs minutes
     and did not pay for itself, see benchmarks/README.md)."""
+    ipc_per_forward: int = 1
+    """IPC indices of a class block optimised together, in one forward per iteration (GPU
+    throughput: more images per kernel launch). Each index keeps its own seed, augmentation
+    draws, BN-statistics term and cross-entropy mean, so the images are the one-at-a-time
+    ones up to float rounding; a recover unit then holds that many indices (one shard).
+    Part of the recover key when not 1. At most ``ipc``."""
 
     @property
     def spec(self) -> Method:
@@ -139,6 +145,7 @@ class RecoverConfig:
         _scale_range(self.crop_scale, f"{p}.crop_scale")
         if self.class_block_size < 0:
             raise ConfigError(f"{p}.class_block_size", "must be >= 0")
+        _positive(self.ipc_per_forward, f"{p}.ipc_per_forward")
 
 
 @dataclass(kw_only=True)
@@ -168,6 +175,10 @@ class RelabelConfig:
     epochs_per_shard: int = 50
     """Work unit size: epochs per soft-label shard (relabel units = epochs / this; the
     labels do not depend on it, only how many workers relabel can use)."""
+    batches_per_forward: int = 1
+    """Stored batches labelled per teacher forward (GPU throughput). With teacher_bn_mode
+    'train' each bn_splits part keeps its own BN statistics (ghost batch norm): the same
+    labels up to float rounding, so a value other than 1 is part of the stage key."""
 
     def validate(self, p: str) -> None:
         _positive(self.epochs, f"{p}.epochs")
@@ -186,6 +197,7 @@ class RelabelConfig:
             raise ConfigError(f"{p}.top_k", "applies to soft labels only; use 0 with "
                               "label_mode 'hard'")
         _positive(self.epochs_per_shard, f"{p}.epochs_per_shard")
+        _positive(self.batches_per_forward, f"{p}.batches_per_forward")
 
 
 @dataclass(kw_only=True)

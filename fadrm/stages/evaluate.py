@@ -101,7 +101,7 @@ class EvaluateStage(Stage):
         result = train_student(
             model, images, labels_for_epoch, val, self.section, relabel.section.epochs,
             d.mean, d.std, self.plan.num_classes, ctx.device, seed=seed, progress=ctx.report,
-            val_is_shard=ctx.world_size > 1,
+            val_is_shard=ctx.world_size > 1, precision=cfg.execution.precision,
         )
         # Every rank holds a share of the validation set: the counts are summed over ranks.
         # The teachers are measured once, by the headline unit (the first).

@@ -1,4 +1,5 @@
-"""The recover stage: data residual matching, one unit = (class block, IPC index)."""
+"""The recover stage: data residual matching, one unit = (class block, IPC index), or a
+group of `recover.ipc_per_forward` IPC indices optimised in one forward."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ __all__ = ["RecoverStage"]
 
 
 class RecoverStage(Stage):
-    """Data residual matching, one unit = (class block, IPC index)."""
+    """Data residual matching, one unit = (class block, IPC index or group of indices)."""
 
     name = "recover"
 
@@ -29,8 +30,18 @@ class RecoverStage(Stage):
         self.section = section
 
     def units(self) -> list[str]:
+        """One unit per (class block, group of ``recover.ipc_per_forward`` IPC indices),
+        named by the group's first index: with 2 per forward ``b003-i0004`` holds indices 4
+        and 5 (with 1, the default, one unit per index)."""
         return [str(UnitId(b, i)) for b in range(self.plan.num_blocks)
-                for i in range(self.cfg.ipc)]
+                for i in range(0, self.cfg.ipc, self.section.ipc_per_forward)]
+
+    def indices(self, unit: str) -> range:
+        """The IPC indices that ``unit`` optimises together (the last group may be short)."""
+        first = UnitId.parse(unit).index
+        if first is None:
+            raise ValueError(f"recover: unit {unit!r} names no IPC index")
+        return range(first, min(first + self.section.ipc_per_forward, self.cfg.ipc))
 
     def unit_uri(self, unit: str) -> str:
         return storage.join(self.dir, f"images-{unit}.arrow")
@@ -56,17 +67,22 @@ class RecoverStage(Stage):
         from fadrm.data import denormalize
         from fadrm.synthesis import recover
 
-        uid = UnitId.parse(unit)
-        block, index = uid.block, uid.index
+        block = UnitId.parse(unit).block
+        indices = self.indices(unit)
         classes = self.plan.block_classes(block)
         d = self.cfg.data
-        init = self._init(state, block, index)
+        # Group-major: one image per class for each index, as recover's groups are.
+        init = torch.cat([self._init(state, block, i) for i in indices])
+        labels = torch.tensor(classes * len(indices), device=ctx.device)
+        # Each index keeps the seed its one-at-a-time unit has, so a grouped unit gives
+        # those units' images up to float rounding.
+        seeds = [unit_seed(self.cfg.seed, self.name, str(UnitId(block, i))) for i in indices]
         result = recover(
-            init.to(ctx.device), torch.tensor(classes, device=ctx.device), state["teachers"],
-            self.section, d.mean, d.std, d.resolution,
-            seed=unit_seed(self.cfg.seed, self.name, unit), device=ctx.device,
-            progress=ctx.report,
+            init.to(ctx.device), labels, state["teachers"], self.section, d.mean, d.std,
+            d.resolution, seed=seeds[0] if len(seeds) == 1 else seeds, device=ctx.device,
+            progress=ctx.report, precision=self.cfg.execution.precision,
         )
         images = denormalize(result.images.cpu(), d.mean, d.std)
-        ids = [c * self.cfg.ipc + index for c in classes]
-        shards.write_table(self.unit_uri(unit), shards.images_table(images, classes, ids))
+        ids = [c * self.cfg.ipc + i for i in indices for c in classes]
+        shards.write_table(self.unit_uri(unit),
+                           shards.images_table(images, classes * len(indices), ids))

@@ -55,6 +55,7 @@ class RelabelStage(Stage):
             teachers, images, d.mean, d.std, self.section, EpochUnit.parse(unit).epochs,
             seed=unit_seed(self.cfg.seed, self.name, "views"), device=ctx.device,
             weights=weights, progress=ctx.report, labels=labels,
-            num_classes=self.plan.num_classes,
+            num_classes=self.plan.num_classes, precision=self.cfg.execution.precision,
+            batches_per_forward=self.section.batches_per_forward,
         )
         shards.write_table(self.unit_uri(unit), table)
