@@ -70,6 +70,13 @@ def _fingerprint_before(cfg) -> str:
         data.pop("evaluate", None)
     if cfg.student.seeds is None:
         data["student"].pop("seeds", None)
+    # Fields issue 23 added count only when not at their defaults.
+    if cfg.execution.precision == "bf16":
+        data["execution"].pop("precision", None)
+    if cfg.relabel.batches_per_forward == 1:
+        data["relabel"].pop("batches_per_forward", None)
+    if cfg.recover.ipc_per_forward == 1:
+        data["recover"].pop("ipc_per_forward", None)
     return digest(data, 12)
 
 
@@ -242,7 +249,8 @@ def test_a_resumed_stage_counts_the_killed_runs_finished_units(tmp_path, fmnist_
     recover = RunPlan(cfg).recover
     assert len(first_units) == 2 and len(recover.pending()) == 2
     killed = recover.recorded_seconds()  # kept as each unit finished, never closed
-    assert killed is not None and killed >= sum(first_units)
+    # Seconds are stored to 0.01 s: the recorded time holds both units, to that precision.
+    assert killed is not None and killed >= sum(first_units) - 0.01
 
     metrics = run_pipeline(cfg, LocalExecutor("cpu"), show_progress=False)
     timing = json.loads(Path(recover.timing_uri).read_text())
