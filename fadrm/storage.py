@@ -178,20 +178,12 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` so that ``uri`` is either absent or complete, never partial."""
     local = local_path(uri)
     if local is not None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = str(local.parent / f".{local.name}.{uuid.uuid4().hex[:12]}.tmp")
-        # Created like open() creates a file (0666 less the umask, not mkstemp's 0600), so
-        # other users and pods of another UID on shared storage can read the outputs.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                     0o666)
+        tmp = _temp_sibling(local)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_synced(tmp, data)
             os.replace(tmp, local)
         except BaseException as exc:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError) and exc.filename is None:
                 # A failed write (e.g. ENOSPC) does not say which file: name it.
                 raise OSError(exc.errno, exc.strerror, str(local)) from exc
@@ -201,6 +193,24 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     # One PUT: S3 publishes the object only once the upload has completed.
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def _temp_sibling(local: Path) -> Path:
+    """A fresh temporary name beside ``local`` (its folder created), for a write that is
+    published by a rename or a link."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    return local.parent / f".{local.name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _write_synced(tmp: Path, data: bytes) -> None:
+    """Create ``tmp`` (it must not exist) holding ``data``, flushed to disk. Created like
+    open() creates a file (0666 less the umask, not mkstemp's 0600), so other users and
+    pods of another UID on shared storage can read the outputs."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:
@@ -216,14 +226,9 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     local = local_path(uri)
     if local is None:
         return _s3_create_exclusive(uri, data)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.parent / f".{local.name}.{uuid.uuid4().hex[:12]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = _temp_sibling(local)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, data)
         os.link(tmp, local)
         return True
     except FileExistsError:

@@ -4,14 +4,13 @@ torch's bytes, device-side view rendering equal to ``view_batch``, precision as 
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
 
 import fadrm.student
 import fadrm.synthesis
+from benchmarks.gpu.loop_checks import _sync_errors
 from benchmarks.host_syncs import OpCounter, _recover_run, _student_runs
 from fadrm.amp import autocast_dtype, grad_scaler
 from fadrm.config import RelabelConfig
@@ -199,20 +198,10 @@ def test_precision_keys_only_when_not_bf16(fmnist_root, tmp_path):
 # --------------------------------------------------------------------------- CUDA
 
 
-@contextlib.contextmanager
-def _sync_errors():
-    """Any host sync inside the block raises (CUDA's own detector)."""
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-
 
 def _strict(fn):
     def wrapped(*args, **kwargs):
-        with _sync_errors():
+        with _sync_errors(torch.device("cuda")):  # any host sync inside raises
             return fn(*args, **kwargs)
     return wrapped
 
