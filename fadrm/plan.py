@@ -13,7 +13,7 @@ from typing import Any
 
 from fadrm import __version__, storage
 from fadrm.formats import shards
-from fadrm.config import RunConfig, config_to_dict
+from fadrm.config import RunConfig, StudentConfig, config_to_dict
 from fadrm.lineage import RunStatus, StageKey, StageStatus, changed_values, digest, short
 from fadrm.methods import create_method
 from fadrm.stages import (EvaluateStage, RecoverStage, RelabelStage, SelectStage,
@@ -126,6 +126,9 @@ class RunPlan:
         student = dataclasses.asdict(cfg.student)
         if student["seeds"] is None:  # today's one student: today's keys
             del student["seeds"]
+        if not cfg.student.data_parallel:  # the paper's step: lr rule and warm-up unused
+            for name in STUDENT_STEP_FIELDS:
+                del student[name]
         evaluate = {
             "student": student,
             "relabel": self.relabel.key.key,
@@ -319,6 +322,11 @@ class RunPlan:
         return RunStatus(out, self.fingerprints(), report, report_reason)
 
 
+STUDENT_STEP_FIELDS = ("batches_per_step", "lr_scaling", "warmup_epochs")
+"""The data-parallel student's settings: in the evaluate key only when it is on, in the
+config fingerprint only when not at their defaults (earlier configs keep their folders)."""
+
+
 RUN_ONLY_OPTIONS = ("address", "max_failures", "worker_start_timeout_s", "resource_wait_s",
                     "worker_group", "verify_outputs")
 """``execution`` options that decide how a run goes (which cluster, retries, waits, how
@@ -334,7 +342,8 @@ def config_fingerprint(cfg: RunConfig) -> str:
     """12 hex digits of the resolved config: each config's report has its own folder.
     The ``evaluate`` section counts only when it asks for scores (off, it changes nothing),
     ``student.seeds`` only when set, ``execution.precision`` only when not bf16 and
-    ``relabel.batches_per_forward`` / ``recover.ipc_per_forward`` only when not 1 (configs
+    ``relabel.batches_per_forward`` / ``recover.ipc_per_forward`` only when not 1, the
+    :data:`STUDENT_STEP_FIELDS` only when not at their defaults (configs
     written before them keep their folders), and the :data:`RUN_ONLY_OPTIONS` as their
     defaults."""
     data = config_to_dict(cfg)
@@ -350,6 +359,10 @@ def config_fingerprint(cfg: RunConfig) -> str:
         data["relabel"].pop("batches_per_forward", None)
     if cfg.recover.ipc_per_forward == 1:
         data["recover"].pop("ipc_per_forward", None)
+    defaults = StudentConfig()
+    for name in STUDENT_STEP_FIELDS:
+        if getattr(cfg.student, name) == getattr(defaults, name):
+            data["student"].pop(name, None)
     return digest(data, 12)
 
 

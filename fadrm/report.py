@@ -154,6 +154,8 @@ def _metrics(plan, ev: dict, timings: dict[str, float | None], cached: list[str]
         "cached_stages": list(cached),
         "num_skipped_inputs": len(ev["skipped_inputs"]),
         "warnings": run_warnings(plan, ev),
+        # Only for the data-parallel variant (the paper's step keeps today's report).
+        **({"student_step": ev["student_step"]} if "student_step" in ev else {}),
     }
 
 

@@ -83,6 +83,12 @@ def print_summary(cfg: RunConfig, metrics: dict, file=None) -> None:
           f"(best {metrics['student_top1_best']:.2f} % after epoch "
           f"{metrics['best_epoch'] + 1} of {epochs}; top-5 {metrics['student_top5']:.2f} %)",
           file=file)
+    step = metrics.get("student_step")
+    if step:  # a protocol variant: never mistaken for the paper's figure
+        print(f"  student step         data-parallel (not the paper's): "
+              f"{step['batches_per_step']} stored batches per step on {step['ranks']} "
+              f"rank(s), lr {step['peak_lr']:.3g} ({step['lr_scaling']} rule, "
+              f"{step['warmup_epochs']} warm-up epochs)", file=file)
     for model, row in (metrics.get("students") or {}).items():
         margin = row.get("margin_over_random_real")
         print(f"  {'student ' + model:<20} {row['top1_mean']:6.2f} +- {row['top1_std']:.2f} % "

@@ -14,6 +14,14 @@ the micro-batches r, r + W, ... of every global batch, so the global batch, the 
 optimiser steps and the gradient of each step do not depend on W (see :func:`_train_step`);
 only BatchNorm's running statistics (used at evaluation) follow rank 0's micro-batches.
 
+The data-parallel student (``student.batches_per_step`` K > 1, a protocol variant): each
+optimiser step takes K stored batches (global batch K x stored batch, each stored batch
+still split into the same micro-batches), rank r of W takes whole stored batches r, r + W,
+... of the step, and the learning rate ramps linearly, step by step, from ``lr`` to
+:func:`scaled_lr` over the warm-up epochs, under the same per-epoch cosine. The step's
+gradient is the mean over its K stored batches whatever W is; K = 1 is the paper's step, op
+for op.
+
 Hard-label rows (``relabel.label_mode: hard``, the hard-label baseline) replace the KL by
 the cross-entropy to ``lam * onehot(y) + (1 - lam) * onehot(y_partner)`` of each stored
 CutMix view; everything else (views, optimiser, schedule) is the same.
@@ -50,12 +58,45 @@ from fadrm.render import EpochViews, to_device
 from fadrm.training import Trainer, all_reduce_sum, param_groups, world as dist_world, wrap_ddp
 
 __all__ = ["cosine_lr", "hard_loss_sum", "kd_loss_sum", "kd_step", "micro_batches",
-           "micro_loss_sum", "param_groups", "train_student"]
+           "micro_loss_sum", "param_groups", "scaled_lr", "step_lr", "step_groups",
+           "train_student"]
 
 
 def cosine_lr(base_lr: float, epoch: int, num_epochs: int, eta: float) -> float:
     """``base_lr * 0.5 * (1 + cos(pi * epoch / (num_epochs * eta)))``; eta = 2 ends at half."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / (num_epochs * eta)))
+
+
+def scaled_lr(base_lr: float, batches_per_step: int, rule: str) -> float:
+    """The data-parallel student's learning rate for K = ``batches_per_step`` stored batches
+    per step: ``base_lr * sqrt(K)`` (``sqrt``: Adam's square-root scaling rule, which keeps
+    the update's noise scale as the batch grows) or ``base_lr * K`` (``linear``, SGD's
+    rule). K = 1 gives ``base_lr``."""
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batches_per_step)
+    if rule == "linear":
+        return base_lr * batches_per_step
+    raise ValueError(f"unknown lr scaling rule {rule!r} (sqrt or linear)")
+
+
+def step_lr(cfg: StudentConfig, epoch: int, num_epochs: int, step: int,
+            steps_per_epoch: int) -> float:
+    """The learning rate of optimiser step ``step`` (counted from the run's start), taken
+    in ``epoch``: the per-epoch cosine (:func:`cosine_lr`) of a base that ramps linearly
+    from ``cfg.lr`` to :func:`scaled_lr` over ``cfg.warmup(num_epochs)`` epochs of steps
+    (Goyal et al.'s gradual warm-up) and stays there. The paper's step (K = 1, no warm-up)
+    gives ``cosine_lr(cfg.lr, epoch, ...)`` exactly."""
+    peak = scaled_lr(cfg.lr, cfg.batches_per_step, cfg.lr_scaling)
+    ramp = cfg.warmup(num_epochs) * steps_per_epoch
+    base = cfg.lr + (peak - cfg.lr) * (step + 1) / ramp if step < ramp else peak
+    return cosine_lr(base, epoch, num_epochs, cfg.eta)
+
+
+def step_groups(num_batches: int, batches_per_step: int) -> list[range]:
+    """The stored batches of each optimiser step of an epoch: ``batches_per_step``
+    consecutive ones (the last step takes what is left)."""
+    return [range(g, min(g + batches_per_step, num_batches))
+            for g in range(0, num_batches, batches_per_step)]
 
 
 def kd_loss_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -217,9 +258,21 @@ def train_student(
         "best_epoch": best_epoch,
         "history": history,
         "steps": run.steps,
+        "step": _step_protocol(cfg, num_epochs, run.world),
         "seconds": time.perf_counter() - start_time,
         "train_seconds": time.perf_counter() - start_time - eval_seconds,
     }
+
+
+def _step_protocol(cfg: StudentConfig, num_epochs: int, world: int) -> dict:
+    """What an optimiser step was: the paper's (one stored batch), or the data-parallel
+    variant with its global batch in stored batches, ranks, lr rule and warm-up."""
+    if not cfg.data_parallel:
+        return {"protocol": "paper", "batches_per_step": 1}
+    return {"protocol": "data-parallel", "batches_per_step": cfg.batches_per_step,
+            "ranks": world, "lr_scaling": cfg.lr_scaling,
+            "peak_lr": scaled_lr(cfg.lr, cfg.batches_per_step, cfg.lr_scaling),
+            "warmup_epochs": cfg.warmup(num_epochs)}
 
 
 def _evaluate_sharded(run: _Run, val: ImageSet, is_shard: bool = False) -> tuple[float, float]:
@@ -250,10 +303,9 @@ def _set_up(model, images, cfg, mean, std, num_classes, device, seed,
 
 
 def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dict:
-    """One epoch: the learning rate for it, then one optimiser step per stored batch."""
-    lr = cosine_lr(run.cfg.lr, epoch, num_epochs, run.cfg.eta)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    """One epoch: one optimiser step per ``batches_per_step`` stored batches, each at its
+    learning rate (:func:`step_lr`: set once per epoch unless warming up)."""
+    cfg = run.cfg
     labels = LabelRows.read(table, epoch, run.num_classes)
     batches = EpochViews(labels.views, run.images, run.mean, run.std, run.images.shape[2],
                          run.device)
@@ -265,19 +317,28 @@ def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dic
     else:
         targets = labels.targets()
     targets = to_device(targets, run.device)
+    groups = step_groups(len(batches), cfg.batches_per_step)
+    ramp = cfg.warmup(num_epochs) * len(groups)
     run.net.train()
     loss_total = torch.zeros((), dtype=torch.float64, device=run.device)
-    checks = torch.zeros(len(batches), run.cfg.accumulation_steps, device=run.device)
+    # Micro-batch losses of each step on this rank (read for finiteness now and then).
+    per_rank = -(-cfg.batches_per_step // run.world) if cfg.data_parallel else 1
+    checks = torch.zeros(len(groups), per_rank * cfg.accumulation_steps, device=run.device)
     checked = 0
-    for b in range(len(batches)):
-        loss_total += _train_step(run, batches, targets, labels.hard, b, checks[b])
-        if (b + 1) % _CHECK_EVERY == 0:
-            _check_finite(run, checks, checked, b + 1, epoch)
-            checked = b + 1
-    _check_finite(run, checks, checked, len(batches), epoch)
+    lr = float("nan")
+    for s, group in enumerate(groups):
+        if s == 0 or run.steps < ramp:
+            lr = step_lr(cfg, epoch, num_epochs, run.steps, len(groups))
+            for param_group in run.optimizer.param_groups:
+                param_group["lr"] = lr
+        loss_total += _train_step(run, batches, targets, labels.hard, group, checks[s])
+        if (s + 1) % _CHECK_EVERY == 0:
+            _check_finite(run, checks, checked, s + 1, epoch)
+            checked = s + 1
+    _check_finite(run, checks, checked, len(groups), epoch)
     loss_total = all_reduce_sum(loss_total, run.device)
     return {"epoch": epoch, "top1": None, "top5": None,
-            "loss": float(loss_total) / len(batches), "lr": lr}
+            "loss": float(loss_total) / len(groups), "lr": lr}
 
 
 _CHECK_EVERY = 100
@@ -285,42 +346,62 @@ _CHECK_EVERY = 100
 
 
 def _check_finite(run: _Run, checks: torch.Tensor, start: int, stop: int, epoch: int) -> None:
-    """Raise on the first non-finite micro-batch loss of batches ``start:stop``."""
+    """Raise on the first non-finite micro-batch loss of steps ``start:stop`` (with the
+    paper's step a step is a stored batch)."""
     if stop <= start:
         return
     chunk = checks[start:stop].cpu()
     bad = (~torch.isfinite(chunk)).nonzero()
     if len(bad):
-        b, k = (int(v) for v in bad[0])
-        raise RuntimeError(f"non-finite student loss at epoch {epoch}, batch {start + b} "
-                           f"(rank {run.rank}): {float(chunk[b, k])}")
+        s, k = (int(v) for v in bad[0])
+        where = (f"step {start + s} (stored batches from {(start + s) * run.cfg.batches_per_step})"
+                 if run.cfg.data_parallel else f"batch {start + s}")
+        raise RuntimeError(f"non-finite student loss at epoch {epoch}, {where} "
+                           f"(rank {run.rank}): {float(chunk[s, k])}")
 
 
-def _train_step(run: _Run, batches: EpochViews, targets: torch.Tensor, hard: bool, b: int,
-                checks: torch.Tensor) -> torch.Tensor:
-    """One optimiser step on one stored (global) batch; returns this rank's part of the
-    batch's mean loss (the ranks' parts add up to it), on the device.
+def _step_work(run: _Run, batches: EpochViews, group: range) -> list[tuple[int, np.ndarray]]:
+    """This rank's (stored batch, micro-batch positions) of one step. The paper's step:
+    micro-batches r, r + W, ... of the one stored batch; data-parallel: every micro-batch
+    of stored batches r, r + W, ... of the step."""
+    acc = run.cfg.accumulation_steps
 
-    The batch is split into ``accumulation_steps`` micro-batches (the BatchNorm batch), and
-    rank r trains micro-batches r, r + W, ... only. Each micro-batch's loss is
-    ``sum_loss(micro) * W / B``: DDP averages gradients over the W ranks, so the step's
-    gradient is the batch's mean loss gradient, whatever W is. A rank without a micro-batch
-    (W > number of micro-batches) runs one zero-weight sample, as DDP needs every rank.
-    The whole batch is rendered once (a view reads its CutMix partner's view) and each
+    def size(b: int) -> int:
+        rows = batches.rows(b)
+        return rows.stop - rows.start
+
+    if not run.cfg.data_parallel:
+        b = group.start
+        return [(b, p) for p in micro_batches(size(b), acc)[run.rank::run.world]]
+    return [(b, p) for b in group[run.rank::run.world] for p in micro_batches(size(b), acc)]
+
+
+def _train_step(run: _Run, batches: EpochViews, targets: torch.Tensor, hard: bool,
+                group: range, checks: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on the stored batches ``group`` (the global batch); returns this
+    rank's part of the global batch's mean loss (the ranks' parts add up to it), on the
+    device.
+
+    Each stored batch is split into ``accumulation_steps`` micro-batches (the BatchNorm
+    batch); :func:`_step_work` says which this rank trains. Each micro-batch's loss is
+    ``sum_loss(micro) * W / B`` (B: the global batch's rows): DDP averages gradients over
+    the W ranks, so the step's gradient is the global batch's mean loss gradient, whatever
+    W is. A rank without a micro-batch runs one zero-weight sample, as DDP needs every
+    rank. A stored batch is rendered once (a view reads its CutMix partner's view) and each
     micro-batch is a slice of it: the same pixels as rendering the micro-batch alone.
-    ``checks[k]`` receives micro-batch k's loss sum (read for finiteness now and then).
+    ``checks[k]`` receives the rank's k-th micro-batch loss sum.
     """
-    rows = batches.rows(b)
-    full = rows.stop - rows.start
-    mine = micro_batches(full, run.cfg.accumulation_steps)[run.rank::run.world]
-    weights = [1.0] * len(mine)
-    if not mine:
-        mine, weights = [np.zeros(1, dtype=np.int64)], [0.0]
-    views = batches.render(b)
-    batch_targets = targets[rows]
+    full = sum(batches.rows(b).stop - batches.rows(b).start for b in group)
+    work = _step_work(run, batches, group)
+    weights = [1.0] * len(work)
+    if not work:
+        work, weights = [(group.start, np.zeros(1, dtype=np.int64))], [0.0]
     part = torch.zeros((), dtype=torch.float64, device=run.device)
-    for k, (positions, weight) in enumerate(zip(mine, weights)):
-        last = k == len(mine) - 1
+    rendered = -1
+    for k, ((b, positions), weight) in enumerate(zip(work, weights)):
+        if b != rendered:
+            views, batch_targets, rendered = batches.render(b), targets[batches.rows(b)], b
+        last = k == len(work) - 1
         sync = contextlib.nullcontext() if run.world == 1 or last else run.net.no_sync()
         # Micro-batches are contiguous positions: slices, not index copies.
         micro = slice(int(positions[0]), int(positions[-1]) + 1)

@@ -155,6 +155,11 @@ class RunConfig:
         self.student.validate("student")
         self.evaluate.validate("evaluate")
         self.execution.validate("execution")
+        k, w = self.student.batches_per_step, self.execution.train_workers
+        if k > 1 and k % w:
+            raise ConfigError("student.batches_per_step",
+                              f"must be a multiple of execution.train_workers ({w}): each "
+                              f"rank takes the same number of stored batches; got {k}")
         self.storage.validate("storage")
 
     @property

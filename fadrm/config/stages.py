@@ -200,6 +200,10 @@ class RelabelConfig:
         _positive(self.batches_per_forward, f"{p}.batches_per_forward")
 
 
+LR_SCALING = ("sqrt", "linear")
+"""The data-parallel student's learning-rate rules (:func:`fadrm.student.scaled_lr`)."""
+
+
 @dataclass(kw_only=True)
 class StudentConfig:
     """Student trained only on the distilled images and their stored soft labels."""
@@ -220,6 +224,21 @@ class StudentConfig:
     accumulation_steps: int = 2
     """Micro-batches per stored relabel batch (one optimiser step per stored batch; the
     micro-batch is the BatchNorm batch and the unit data-parallel ranks share out)."""
+    batches_per_step: int = 1
+    """Stored relabel batches per optimiser step. 1: the paper's step (one stored batch).
+    K > 1: the data-parallel student, a protocol variant the report names: the global
+    batch is K stored batches (their views, labels and BatchNorm micro-batches unchanged),
+    each of the ``execution.train_workers`` ranks takes K / W whole stored batches of every
+    step (K a multiple of W; on one rank the K accumulate), the learning rate is scaled by
+    ``lr_scaling`` after a warm-up. Set it to ``train_workers`` to spread the student over
+    the cluster."""
+    lr_scaling: str = "sqrt"
+    """How the data-parallel student scales ``lr`` with K = ``batches_per_step``: ``sqrt``
+    (lr x sqrt(K), the square-root rule for Adam-type optimisers) or ``linear`` (lr x K)."""
+    warmup_epochs: int | None = None
+    """Epochs over which the learning rate ramps, step by step, from ``lr`` to the scaled
+    one (then the cosine as usual); None: ceil(epochs / 20) when batches_per_step > 1, else
+    0 (with K = 1 there is nothing to ramp)."""
     eval_every: int = 0
     """Evaluate every N epochs (0 -> only at the end); the best epoch is reported too."""
     eval_batch_size: int = 512
@@ -229,6 +248,17 @@ class StudentConfig:
     def models(self) -> list[str]:
         """The student models, the headline first."""
         return list(self.model) if isinstance(self.model, list) else [self.model]
+
+    @property
+    def data_parallel(self) -> bool:
+        """The data-parallel protocol variant (several stored batches per step)."""
+        return self.batches_per_step > 1
+
+    def warmup(self, epochs: int) -> int:
+        """Warm-up epochs of a run of ``epochs`` (``warmup_epochs`` resolved)."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return -(-epochs // 20) if self.data_parallel else 0
 
     @property
     def is_matrix(self) -> bool:
@@ -249,6 +279,12 @@ class StudentConfig:
         _positive(self.temperature, f"{p}.temperature")
         _positive(self.eta, f"{p}.eta")
         _positive(self.accumulation_steps, f"{p}.accumulation_steps")
+        _positive(self.batches_per_step, f"{p}.batches_per_step")
+        if self.lr_scaling not in LR_SCALING:
+            raise ConfigError(f"{p}.lr_scaling", f"must be one of {sorted(LR_SCALING)}, got "
+                              f"{self.lr_scaling!r}")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise ConfigError(f"{p}.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         if self.eval_every < 0:
             raise ConfigError(f"{p}.eval_every", "must be >= 0")
         _positive(self.eval_batch_size, f"{p}.eval_batch_size")

@@ -128,6 +128,10 @@ class EvaluateStage(Stage):
             "val_images": self.plan.source.count("val"),
             "skipped_inputs": self.plan.squeeze_skipped() + val.skipped,
         }
+        if result["step"]["protocol"] != "paper":
+            # The data-parallel student is a protocol variant: say so (the paper's step
+            # adds nothing, so its metrics keep their bytes).
+            metrics["student_step"] = result["step"]
         if unit != HEADLINE:
             # Which worker trained it: matrix units spread over a cluster's workers.
             metrics.update(student_model=model_name, student_seed=student_seed,
