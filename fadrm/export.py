@@ -340,10 +340,14 @@ def _card(plan, manifest: dict, metrics: dict, fmt: str, folders: list[str]) -> 
     else:
         margin = ("no random-real report of the same data, IPC, teachers and protocol was "
                   "found beside this run, so no margin over random real is given")
+    step = metrics.get("student_step")
+    protocol = (f", the data-parallel variant: {step['batches_per_step']} stored batches per "
+                f"step, lr {step['peak_lr']:.3g} by the {step['lr_scaling']} rule, not the "
+                f"paper's one-batch step" if step else "")
     lines += [
         "", "## Student results", "",
         f"A `{cfg.student.model}` trained only on these images and soft labels "
-        f"({cfg.relabel.epochs} epochs, seed {cfg.seed}) reaches "
+        f"({cfg.relabel.epochs} epochs, seed {cfg.seed}{protocol}) reaches "
         f"**{metrics['student_top1']:.2f} %** top-1 (top-5 {metrics['student_top5']:.2f} %, "
         f"best {metrics['student_top1_best']:.2f} %) on {metrics['val_images']} real "
         f"validation images; {margin}.",

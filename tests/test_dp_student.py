@@ -205,3 +205,8 @@ def test_report_names_the_variant(tmp_path, fmnist_root, capsys):
     assert stored["student_step"] == step
     print_summary(cfg, metrics)
     assert "data-parallel (not the paper's): 2 stored batches per step" in capsys.readouterr().out
+    from fadrm.export import export_run
+
+    export_run(cfg, str(tmp_path / "exported"))
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "the data-parallel variant: 2 stored batches per step" in card
