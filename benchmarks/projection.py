@@ -361,6 +361,14 @@ def project(work: dict, gpus: int, c: Costs, a: dict) -> dict:
 # --------------------------------------------------------------------------- main
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the repository when inside it: the JSON names no checkout."""
+    try:
+        return path.resolve().relative_to(common.REPO)
+    except ValueError:
+        return path
+
+
 def _read(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
@@ -380,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     scaling = (_read(args.student_scaling, "student scaling results")
                if args.student_scaling.exists() else None)
     work = preset_work()
-    costs, figures = build_costs(work, a, gpu, args.gpu_check, scaling, args.student_scaling)
+    costs, figures = build_costs(work, a, gpu, args.gpu_check and _shown(args.gpu_check),
+                                 scaling, _shown(args.student_scaling))
     by_gpus = {g: project(work, g, costs, a) for g in GPU_COUNTS}
     hours = {name: {str(g): by_gpus[g]["variants"][name]["hours"] for g in GPU_COUNTS}
              for name in by_gpus[GPU_COUNTS[0]]["variants"]}
