@@ -38,7 +38,7 @@ is in ``assumptions``):
   throughput plus ``student_step_overhead_ms``. Validation every ``eval_every`` epochs on
   the 50,000 ImageNet validation images, sharded over the ranks, at the effective throughput.
 * The parallel efficiency of the student's compute on several ranks: the speedup at 2
-  workers over 1, halved, measured on CPU by ``benchmarks.student_scaling``
+  workers over 1, halved (at most 1), measured on CPU by ``benchmarks.student_scaling``
   (``dp_speedup_2_workers``: the data-parallel variant; ``speedup_2_workers``: the paper's
   step with its micro-batches shared) when its JSON has it, else assumed; taken to hold at
   every rank count. The all-reduce is assumed: a ring of fp32 gradients,
@@ -184,12 +184,14 @@ def build_costs(work: dict, a: dict, gpu: dict | None, gpu_path: Path | None,
                 scaling: dict | None, scaling_path: Path) -> tuple[Costs, dict]:
     """The per-unit costs, and ``figures``: each cost with its value and source."""
     figures = {}
+    # A rehearsal (gpu_check --rehearse) ran the GPU half on a CPU: its figures say so.
+    measured = "measured in a CPU rehearsal" if (gpu or {}).get("rehearsal") else "measured on GPU"
     if gpu is None:
         recover_s = a["paper_recover_s_per_image"]["fadrm+"]
         src = f"assumed: the paper's FADRM+ figure ({a['paper_gpu']})"
     else:
         recover_s = measured_recover_s(gpu, gpu_path)
-        src = f"measured on GPU: {gpu_path} figures.recover_s_per_image"
+        src = f"{measured}: {gpu_path} figures.recover_s_per_image"
     figures["recover_s_per_image"] = {"value": recover_s, "source": src}
     mean_teacher = sum(GFLOPS[t] for t in work["teachers"]) / len(work["teachers"])
     recover_flops = mean_teacher * 1e9 * (1 + a["input_backward_factor"]) * work["iterations"]
@@ -204,7 +206,7 @@ def build_costs(work: dict, a: dict, gpu: dict | None, gpu_path: Path | None,
         teacher = (_part_result(gpu, "speed.relabel").get("teacher")
                    or work["teachers"][0]).split(":")[-1]
         relabel_s = all_teachers / GFLOPS[teacher] / views_per_s
-        src = (f"measured on GPU: {gpu_path} figures.relabel_images_per_s = "
+        src = (f"{measured}: {gpu_path} figures.relabel_images_per_s = "
                f"{views_per_s:.1f} ({teacher}), scaled by FLOPs to {len(work['teachers'])} "
                "teachers")
     else:
@@ -219,7 +221,7 @@ def build_costs(work: dict, a: dict, gpu: dict | None, gpu_path: Path | None,
                 or work["student"]).split(":")[-1]
         batch_s = {m: ms / 1000 * GFLOPS[m] / GFLOPS[base] for m in models}
         overhead = 0.0  # in the measured step
-        src = (f"measured on GPU: {gpu_path} figures.student_ms_per_step = {ms:.2f} ({base}), "
+        src = (f"{measured}: {gpu_path} figures.student_ms_per_step = {ms:.2f} ({base}), "
                "scaled by FLOPs to the other students; per-step overhead included")
     else:
         batch_s = {m: work["stored_batch"] * GFLOPS[m] * 1e9 * a["training_backward_factor"]

@@ -126,6 +126,10 @@ def test_gpu_check_parts_name_the_measured_teacher_and_absent_figures_are_derive
     assert figures["relabel_s_per_view"]["value"] == pytest.approx(
         sum(P.GFLOPS[t] for t in result["work"]["teachers"]) / P.GFLOPS["densenet121"] / 500.0)
     assert figures["student_stored_batch_ms"]["source"].startswith("derived")
+    # A rehearsal's figures come from a CPU, and the JSON says so.
+    path.write_text(json.dumps({**report, "rehearsal": True}))
+    rehearsed = _run(tmp_path / "rehearsal", "--gpu-check", str(path))["figures"]
+    assert rehearsed["recover_s_per_image"]["source"].startswith("measured in a CPU rehearsal")
 
 
 def test_gpu_check_without_the_recover_figure_fails(tmp_path):
