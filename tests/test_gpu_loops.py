@@ -418,17 +418,6 @@ def test_compiled_recover_equals_eager():
                                rtol=1e-5, atol=0)
 
 
-def test_projection_reads_the_gpu_checks_recover_figure():
-    from benchmarks.projection import measured_recover_s
-
-    assert measured_recover_s({"figures": {"recover_s_per_image": 0.05}}) == 0.05
-    part = {"parts": {"speed.recover": {"result": {"seconds_per_image": 0.07}}}}
-    assert measured_recover_s(part) == 0.07
-    # The key the projection used to read: no longer silently ignored.
-    with pytest.raises(SystemExit, match="no recover seconds per image"):
-        measured_recover_s({"recover": {"seconds_per_image": 0.1}, "figures": {}})
-
-
 def test_relabel_batches_per_forward_keyed_only_when_not_1(fmnist_root, tmp_path):
     from fadrm.config import ConfigError, load_config
     from fadrm.plan import RunPlan
