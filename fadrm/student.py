@@ -20,7 +20,9 @@ still split into the same micro-batches), rank r of W takes whole stored batches
 ... of the step, and the learning rate ramps linearly, step by step, from ``lr`` to
 :func:`scaled_lr` over the warm-up epochs, under the same per-epoch cosine. The step's
 gradient is the mean over its K stored batches whatever W is; K = 1 is the paper's step, op
-for op.
+for op. Its ranks keep their own BatchNorm running statistics (no broadcast from rank 0),
+averaged over the ranks before each evaluation, so that they stand for every stored batch
+as one rank's do.
 
 Hard-label rows (``relabel.label_mode: hard``, the hard-label baseline) replace the KL by
 the cross-entropy to ``lam * onehot(y) + (1 - lam) * onehot(y_partner)`` of each stored
@@ -40,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from timm.utils import distribute_bn
 from torch import nn
 
 from fadrm.amp import (
@@ -69,9 +72,10 @@ def cosine_lr(base_lr: float, epoch: int, num_epochs: int, eta: float) -> float:
 
 def scaled_lr(base_lr: float, batches_per_step: int, rule: str) -> float:
     """The data-parallel student's learning rate for K = ``batches_per_step`` stored batches
-    per step: ``base_lr * sqrt(K)`` (``sqrt``: Adam's square-root scaling rule, which keeps
-    the update's noise scale as the batch grows) or ``base_lr * K`` (``linear``, SGD's
-    rule). K = 1 gives ``base_lr``."""
+    per step: ``base_lr * K`` (``linear``, the default: an epoch's K-times fewer steps add
+    up to the same learning rate) or ``base_lr * sqrt(K)`` (``sqrt``: the square-root rule
+    for Adam, which keeps the update's noise scale as the batch grows). K = 1 gives
+    ``base_lr``."""
     if rule == "sqrt":
         return base_lr * math.sqrt(batches_per_step)
     if rule == "linear":
@@ -278,6 +282,10 @@ def _step_protocol(cfg: StudentConfig, num_epochs: int, world: int) -> dict:
 def _evaluate_sharded(run: _Run, val: ImageSet, is_shard: bool = False) -> tuple[float, float]:
     """Top-1 / top-5 on ``val``: each rank evaluates its strided share (``val`` itself when
     it already is one), counts are summed over the ranks."""
+    if run.world > 1 and run.cfg.data_parallel:
+        # Rank r's running statistics follow only its stored batches (r, r + W, ...): their
+        # average over the ranks stands for all of them, as one rank's do with W = 1.
+        distribute_bn(run.model, run.world, reduce=True)
     part = val
     if run.world > 1 and not is_shard:
         share = torch.arange(run.rank, len(val), run.world)
@@ -293,7 +301,9 @@ def _set_up(model, images, cfg, mean, std, num_classes, device, seed,
     # channels_last while training (2x faster small convolutions on the CPU, the layout
     # tensor cores want); undone at the end, so saved weights have the usual layout.
     model.to(device, memory_format=torch.channels_last)
-    net = wrap_ddp(model, device, world)
+    # The data-parallel student's ranks see different stored batches: each keeps its own
+    # BatchNorm statistics, averaged before every evaluation (see _evaluate_sharded).
+    net = wrap_ddp(model, device, world, broadcast_buffers=not cfg.data_parallel)
     # AdamW with the step count off the device's critical path (fused on CUDA).
     optimizer = adam(param_groups(model, cfg.weight_decay), device, cfg.lr, decoupled=True)
     scaler = grad_scaler(device, cfg.mixed_precision, precision)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from dataclasses import dataclass
 
@@ -24,12 +25,21 @@ class Trainer:
     scaler: torch.amp.GradScaler
 
 
-def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
-    """``model`` in DistributedDataParallel when there are several ranks, else itself."""
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int,
+             broadcast_buffers: bool = True) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several ranks, else itself.
+    ``broadcast_buffers``: rank 0's BatchNorm statistics overwrite the others' at every
+    forward (DDP's default); off, each rank keeps its own (average them with timm's
+    ``distribute_bn(..., reduce=True)`` before evaluating)."""
     if world_size <= 1:
         return model
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = nn.parallel.DistributedDataParallel
+    # Newer torch names the per-forward broadcast forward_sync_buffers (the buffers are
+    # still synced once at wrapping, as every rank starts from the same ones anyway).
+    name = ("forward_sync_buffers" if "forward_sync_buffers" in
+            inspect.signature(ddp).parameters else "broadcast_buffers")
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None,
+               **{name: broadcast_buffers})
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
