@@ -10,12 +10,14 @@ speed part can time a fair "before" in the same run:
   count a tensor; the scaler's ``step`` reads ``found_inf`` on the host every iteration);
 * the augmentation drawn every iteration on the CPU and its two grid axes copied to the
   device one by one (blocking copies from pageable memory);
+* the BN-statistics term as a chain of small autograd nodes per layer (statistics, two
+  norms, their sum), where today's :mod:`fadrm.bn_stats` fuses them into one node;
 * eager, ``cudnn.benchmark`` off, one class block (one image per class) per forward.
 
-The objective and every random draw are today's (BN statistics, CE, the cosine schedule,
-ARC and the clamp come from :mod:`fadrm.synthesis`, unchanged since), so on the CPU this
-loop gives today's bytes (a test checks it) and on a GPU the same images within float
-rounding: only the speed differs.
+The objective and every random draw are today's (CE, the cosine schedule, ARC and the
+clamp come from :mod:`fadrm.synthesis`; the fused term gives the chain's bits), so on the
+CPU this loop gives today's bytes (a test checks it) and on a GPU the same images within
+float rounding: only the speed differs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from fadrm.amp import autocast, channels_last_models, grad_scaler, to_layout
 from fadrm.augment import augment_axes
 from fadrm.config import RecoverConfig
 from fadrm.data import pixel_bounds
-from fadrm.synthesis import (BNStatLoss, _check_finite, _frozen, _residual_step, _stages,
+from fadrm.synthesis import (_check_finite, _frozen, _residual_step, _stages, channel_stats,
                              cosine_lr, resample)
 
 OLD_PRECISION = "fp16"
@@ -48,6 +50,42 @@ def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+class _OldBNLoss:
+    """The old BN hooks: per layer, ``channel_stats`` and two norms through autograd."""
+
+    def __init__(self, model: nn.Module, first_multiplier: float):
+        self.model, self.first = model, float(first_multiplier)
+        self.layers = [m for m in model.modules()
+                       if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
+        self.terms: dict[int, torch.Tensor] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> _OldBNLoss:
+        self.handles.append(self.model.register_forward_pre_hook(
+            lambda *_: self.terms.clear()))
+        for index, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_hook(self._hook(index)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, index: int):
+        weight = self.first if index == 0 else 1.0
+
+        def hook(module: nn.BatchNorm2d, inputs: tuple, _output: object) -> None:
+            mean_offset, var = channel_stats(inputs[0], module.running_mean)
+            term = torch.linalg.vector_norm(mean_offset)
+            term = term + torch.linalg.vector_norm(var - module.running_var)
+            self.terms[index] = term * weight if weight != 1.0 else term
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        return torch.stack([self.terms[i] for i in sorted(self.terms)]).sum()
 
 
 def _old_augment(x: torch.Tensor, size: int, cfg: RecoverConfig,
@@ -81,7 +119,7 @@ def legacy_recover(init: torch.Tensor, labels: torch.Tensor, teachers: list[nn.M
     generator = torch.Generator().manual_seed(seed)
     mixed = cfg.spec.mixed_precision
     scaler = grad_scaler(device, mixed, OLD_PRECISION)
-    bn_losses = [BNStatLoss(t, cfg.first_bn_multiplier) for t in teachers]
+    bn_losses = [_OldBNLoss(t, cfg.first_bn_multiplier) for t in teachers]
     log = torch.zeros(total, device=device)
     step = checked = 0
     with _frozen(teachers), channels_last_models(teachers, cfg.channels_last), \
@@ -100,7 +138,7 @@ def legacy_recover(init: torch.Tensor, labels: torch.Tensor, teachers: list[nn.M
                 with autocast(device, mixed, OLD_PRECISION):
                     logits = teachers[k](view)
                 loss = F.cross_entropy(logits.float(), labels)
-                if cfg.r_bn > 0 and bn_losses[k].num_layers:
+                if cfg.r_bn > 0 and bn_losses[k].layers:
                     loss = loss + cfg.r_bn * bn_losses[k].loss()
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

@@ -191,8 +191,8 @@ def _variant(run: Timer, window: list[int], full: list[int], per_image: float, b
 
 OLD_PATH = ("the recover loop before issue 23 (benchmarks/gpu/legacy.py): fp16 autocast + "
             "GradScaler (found_inf read every step), torch.optim.Adam (foreach), augmentation "
-            "drawn and copied every iteration, eager, cudnn.benchmark off, one class block "
-            "per forward")
+            "drawn and copied every iteration, the BN term as small autograd nodes per layer, "
+            "eager, cudnn.benchmark off, one class block per forward")
 
 
 def bench_recover(device, sizes: Sizes, state: SpeedState, mm_peak: float | None) -> dict:
