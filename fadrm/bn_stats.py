@@ -53,7 +53,7 @@ def _grouped_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Te
     one kernel call gives every group's statistics: the channels_last kernel reduces each
     column over the same rows as it would for that part alone. Other layouts: one call per
     part."""
-    n, c = x.shape[0], x.shape[1]
+    c = x.shape[1]
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         folded = x.permute(0, 2, 3, 1).reshape(groups, -1, c).transpose(0, 1)
         mean, var = _batch_stats(folded.reshape(-1, groups * c))
