@@ -19,7 +19,7 @@ and after the variants; the higher counts, so the fractions are not flattered by
 peak measurement.
 
 Variants (all the real recover, toggled through its settings or, for the two knobs that
-are not settings, by patching ``fadrm.synthesis`` in this process):
+are not settings, by patching ``fadrm.bn_stats`` / ``fadrm.synthesis`` in this process):
 
 * precision: fp32 (method sre2l) vs bf16 autocast around the teacher forward (fadrm);
 * memory layout: ``recover.channels_last`` on / off;
@@ -96,23 +96,27 @@ def teacher_flops(teacher, batch: int, size: int, mixed_precision: bool) -> int:
 
 @contextlib.contextmanager
 def _patched(bn: str, aug: str):
-    """Swap the BN-statistics function or the augmentation of fadrm.synthesis."""
+    """Swap the BN-statistics term (of fadrm.bn_stats, which recover's hooks call) or the
+    augmentation's sampling of fadrm.synthesis."""
     import torch
 
-    from fadrm import synthesis
+    from fadrm import bn_stats, synthesis
 
-    saved = synthesis.channel_stats, synthesis.augment
+    saved = bn_stats.bn_term, synthesis.sample_grid
     if bn == "var_mean":
-        def var_mean_stats(x, shift):
+        def var_mean_term(x, layer, weight, groups=1):
+            # The textbook hook: autograd through var_mean of an fp32 copy (one group).
             var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
-            return mean - shift, var
-        synthesis.channel_stats = var_mean_stats
+            term = (torch.linalg.vector_norm(mean - layer.running_mean)
+                    + torch.linalg.vector_norm(var - layer.running_var))
+            return term * weight
+        bn_stats.bn_term = var_mean_term
     if aug == "none":
-        synthesis.augment = lambda x, size, *a, **k: synthesis.resample(x, size)
+        synthesis.sample_grid = lambda x, gx, gy: synthesis.resample(x, gx.shape[-1])
     try:
         yield
     finally:
-        synthesis.channel_stats, synthesis.augment = saved
+        bn_stats.bn_term, synthesis.sample_grid = saved
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["augment", "augment_axes", "sample_axes"]
+__all__ = ["augment", "augment_axes", "sample_axes", "sample_grid", "stage_grids"]
 
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))  # torchvision's RandomResizedCrop ratio
 _CROP_ATTEMPTS = 10
@@ -87,22 +87,25 @@ def augment_axes(
     at once and move it to the device in one copy."""
     if steps == 0:
         return torch.zeros(0, 2, batch, size)
-    u_area, u_ratio, u_offsets, u_flip, shifts = [], [], [], [], []
+    # One step's draws in augment's order (crop areas, ratios, offsets, flip bits, then the
+    # shifts): drawing a whole stage per call would reorder the generator's stream. The
+    # uniform draws of a step are one call: a CPU generator fills a tensor element by
+    # element from one stream, so rand(a + b) is rand(a) then rand(b) (a test checks it).
+    # The arithmetic on them is element-wise, so it runs once for the stage.
+    per_step = batch * (2 * _CROP_ATTEMPTS + 2 + int(flip))
+    uniform, shifts = [], []
     for _ in range(steps):
-        # One step's draws in augment's order (crop boxes, flip bits, shifts): drawing a
-        # whole stage per call would reorder the generator's stream. The arithmetic on
-        # them is element-wise, so it runs once for the stage.
-        u_area.append(torch.rand(batch, _CROP_ATTEMPTS, generator=generator))
-        u_ratio.append(torch.rand(batch, _CROP_ATTEMPTS, generator=generator))
-        u_offsets.append(torch.rand(batch, 2, generator=generator))
-        if flip:
-            u_flip.append(torch.rand(batch, generator=generator))
+        uniform.append(torch.rand(per_step, generator=generator))
         if jitter > 0:
             shifts.append(torch.randint(-jitter, jitter + 1, (batch, 2), generator=generator))
-    cx, cy, w, h = _boxes_from(torch.stack(u_area), torch.stack(u_ratio),
-                               torch.stack(u_offsets), height, width, crop_scale)
-    sign = (torch.where(torch.stack(u_flip) < 0.5, -1.0, 1.0) if flip
-            else torch.ones(steps, batch))
+    u = torch.stack(uniform)
+    ends = [k * batch for k in (_CROP_ATTEMPTS, 2 * _CROP_ATTEMPTS, 2 * _CROP_ATTEMPTS + 2)]
+    u_area = u[:, :ends[0]].reshape(steps, batch, _CROP_ATTEMPTS)
+    u_ratio = u[:, ends[0]:ends[1]].reshape(steps, batch, _CROP_ATTEMPTS)
+    u_offsets = u[:, ends[1]:ends[2]].reshape(steps, batch, 2)
+    u_flip = u[:, ends[2]:]
+    cx, cy, w, h = _boxes_from(u_area, u_ratio, u_offsets, height, width, crop_scale)
+    sign = torch.where(u_flip < 0.5, -1.0, 1.0) if flip else torch.ones(steps, batch)
     shifts = (torch.stack(shifts).transpose(1, 2) if jitter > 0
               else torch.zeros(steps, 2, batch, dtype=torch.long))  # [steps, 2, batch]
     scale_shift = torch.stack([sign * w / width, 2 * cx / width - 1,
@@ -119,10 +122,19 @@ def augment_axes(
 def sample_axes(x: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
     """``grid_sample`` of ``x [B, C, H, W]`` on the separable grid ``axes [2, B, size]``
     (from :func:`augment_axes`, already on ``x``'s device and dtype)."""
-    batch, size = axes.shape[1], axes.shape[2]
-    gx, gy = axes[0], axes[1]
-    grid = torch.stack(
-        [gx[:, None, :].expand(batch, size, size), gy[:, :, None].expand(batch, size, size)],
-        dim=-1,
-    )
+    return sample_grid(x, axes[0][:, None, :], axes[1][:, :, None])
+
+
+def stage_grids(axes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each step's x and y axes of ``axes [steps, 2, B, size]`` as ``([B, 1, size], [B,
+    size, 1])`` views for :func:`sample_grid`: made by a few ops for the whole stage, so a
+    step indexes nothing on the device."""
+    return list(zip(axes[:, 0, :, None, :].unbind(0), axes[:, 1, :, :, None].unbind(0)))
+
+
+def sample_grid(x: torch.Tensor, gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """``grid_sample`` of ``x [B, C, H, W]`` on the grid whose point (i, j) is ``(gx[b, 0,
+    j], gy[b, i, 0])`` (a :func:`stage_grids` pair)."""
+    batch, size = gx.shape[0], gx.shape[-1]
+    grid = torch.stack([gx.expand(batch, size, size), gy.expand(batch, size, size)], dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

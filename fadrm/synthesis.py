@@ -5,8 +5,9 @@ Loss per iteration::
     CE(teacher(aug(x)), y)
         + r_bn * sum_l m_l * (||mu_l - running_mean_l||_2 + ||var_l - running_var_l||_2)
 
-over the inputs of every BatchNorm2d layer. Around it: multi-resolution stages (MRO) with a
-fresh Adam per stage under one cosine schedule, the adjustable residual connection (ARC)
+over the inputs of every BatchNorm2d layer (the BN term: :mod:`fadrm.bn_stats`). Around it:
+multi-resolution stages (MRO) with a fresh Adam per stage under one cosine schedule, the
+adjustable residual connection (ARC)
 ``x <- alpha resample(x) + (1 - alpha) resample(P)`` at inner stage boundaries (both at the
 next stage's resolution, P straight from full resolution), mixed precision (MPT),
 and round-robin teachers (FADRM+). Baselines are the same loop with other flags of their
@@ -32,7 +33,8 @@ from fadrm.amp import (
     tune_for_fixed_shapes,
 )
 from fadrm.config import RecoverConfig
-from fadrm.augment import augment, augment_axes, sample_axes
+from fadrm.augment import augment, augment_axes, sample_axes, sample_grid, stage_grids
+from fadrm.bn_stats import BNStatLoss, bn_term, channel_stats
 from fadrm.data import pixel_bounds
 from fadrm.optim import adam
 
@@ -41,165 +43,16 @@ __all__ = [
     "RecoverResult",
     "augment",
     "augment_axes",
+    "bn_term",
     "channel_stats",
     "cosine_lr",
     "recover",
     "resample",
     "sample_axes",
+    "sample_grid",
 ]
 
 _PROGRESS_EVERY = 10
-
-
-# --------------------------------------------------------------------------- BN statistics
-
-
-class _ChannelStats(torch.autograd.Function):
-    """Per-channel ``(mean(x) - shift, biased var(x))`` of ``[N, C, ...]`` in fp32.
-
-    Forward: the statistics come from the framework's own training-mode batch-norm kernel
-    (``torch.native_batch_norm`` with fp32 unit weights: fp32 accumulation, any layout,
-    bf16/fp16 inputs read directly), which is several times faster on the CPU than
-    ``torch.var_mean(x.float(), dim=(0, 2, 3))``; its normalised output is discarded.
-    Backward: the closed form ``dL/dx = g_mean / M + 2 g_var (x - mean) / M`` (``M`` =
-    elements per channel) as one fused pass, computed in fp32 and rounded once to the
-    input's dtype, instead of autograd's chain through ``var_mean``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, shift: torch.Tensor):  # type: ignore[override]
-        c = x.shape[1]
-        m = x.numel() // max(c, 1)
-        unit = torch.ones(c, device=x.device, dtype=torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            _, mean, invstd = torch.native_batch_norm(
-                x, unit, torch.zeros_like(unit), None, None, True, 0.0, 0.0
-            )
-        mean, invstd = mean.float(), invstd.float()
-        # eps 0: the kernel reports invstd 0 (or inf) for a constant channel: variance 0.
-        var = torch.where(invstd > 0, invstd.reciprocal().square(), torch.zeros_like(invstd))
-        ctx.save_for_backward(x, mean)
-        ctx.m = m
-        return mean - shift.detach().float(), var
-
-    @staticmethod
-    def backward(ctx, g_offset: torch.Tensor, g_var: torch.Tensor):  # type: ignore[override]
-        x, mean = ctx.saved_tensors
-        m = ctx.m
-        shape = (1, x.shape[1], *([1] * (x.dim() - 2)))
-        b = (2.0 * g_var.float() / m).view(shape)
-        with torch.autocast(x.device.type, enabled=False):
-            if x.dtype == torch.float32 or x.dtype == torch.float64:
-                a = g_offset.float().view(shape) / m - b * mean.view(shape)
-                return torch.addcmul(a.to(x.dtype), x, b.to(x.dtype)), None
-            # Half precision: b (x - mean) + g / M in the input's dtype (an fp32
-            # temporary would cost 10x more on the CPU). Subtracting the rounded mean
-            # first keeps the large terms from cancelling; the rounding residual goes
-            # into the (small) constant.
-            low = mean.to(x.dtype)
-            c = g_offset.float() / m - b.flatten() * (mean - low.float())
-            centred = x - low.view(shape)
-            return torch.addcmul(c.to(x.dtype).view(shape), centred, b.to(x.dtype)), None
-
-
-def channel_stats(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean - shift, biased variance)`` over (N, H, W) of ``x``, fp32, differentiable.
-
-    The same values as ``torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)`` (up to
-    fp32 rounding), several times faster forward and backward on the CPU.
-    """
-    if x.dim() < 2:
-        raise ValueError(f"channel_stats needs [N, C, ...], got {tuple(x.shape)}")
-    return _ChannelStats.apply(x, shift)
-
-
-class BNStatLoss:
-    """Distance of BatchNorm input statistics from the layers' running statistics.
-
-    Forward hooks on every ``nn.BatchNorm2d`` (module order) record, for the last forward,
-    ``m_l * (||mean - running_mean||_2 + ||var - running_var||_2)`` where mean and biased
-    variance are taken over (N, H, W) of the layer's *input*, in fp32 even under autocast.
-    ``m_l`` is ``first_multiplier`` for the first BN layer and 1 for the rest. Use as a
-    context manager or with :meth:`attach` / :meth:`remove`.
-    """
-
-    def __init__(self, model: nn.Module, first_multiplier: float = 10.0, groups: int = 1):
-        self.model = model
-        self.first_multiplier = float(first_multiplier)
-        self.groups = groups
-        """Independent problems in one batch (``groups`` equal, contiguous parts): each
-        part's statistics are matched on their own and :meth:`loss` is per part ``[G]``."""
-        # A BN layer without running statistics has no target to match: skipped.
-        self.layers = [
-            m for m in model.modules()
-            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None
-        ]
-        self._terms: list[torch.Tensor | None] = [None] * len(self.layers)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    def attach(self) -> BNStatLoss:
-        if self._handles:
-            return self
-        # A pre-hook on the whole model clears the previous forward's terms.
-        self._handles.append(self.model.register_forward_pre_hook(self._reset))
-        for index, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_hook(self._hook(index)))
-        return self
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> BNStatLoss:
-        return self.attach()
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def _reset(self, *_: object) -> None:
-        self._terms = [None] * len(self.layers)
-
-    def _hook(self, index: int) -> Callable:
-        weight = self.first_multiplier if index == 0 else 1.0
-
-        def term_of(module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-            mean_offset, var = channel_stats(x, module.running_mean)
-            term = torch.linalg.vector_norm(mean_offset)
-            term = term + torch.linalg.vector_norm(var - module.running_var)
-            return term * weight if weight != 1.0 else term
-
-        def hook(module: nn.BatchNorm2d, inputs: tuple, _output: object) -> None:
-            if self.groups == 1:
-                self._terms[index] = term_of(module, inputs[0])
-                return
-            # A part of a batch along N is itself a batch in the same layout: each part's
-            # statistics are computed as they would be in a forward of that part alone.
-            parts = inputs[0].chunk(self.groups)
-            self._terms[index] = torch.stack([term_of(module, part) for part in parts])
-
-        return hook
-
-    def terms(self) -> list[torch.Tensor]:
-        """Weighted per-layer terms of the last forward (layers that ran, module order)."""
-        return [t for t in self._terms if t is not None]
-
-    def loss(self) -> torch.Tensor:
-        """Sum of the weighted terms of the last forward; 0 for a teacher without BN."""
-        terms = self.terms()
-        if not terms:
-            if self.groups == 1:
-                return torch.zeros(())
-            # Per group: a [G] tensor must live on the model's device to be added.
-            device = next((p.device for p in self.model.parameters()), None)
-            return torch.zeros(self.groups, device=device)
-        if self.groups == 1:
-            return torch.stack(terms).sum()
-        return torch.stack(terms).sum(0)
 
 
 def resample(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -421,21 +274,21 @@ def _run_stage(loop: _Loop, x: torch.Tensor, resolution: int, iterations: int) -
     if loop.device.type == "cuda":
         axes = axes.pin_memory()
     loop.axes = axes.to(loop.device, x.dtype, non_blocking=True)
-    for i in range(iterations):
-        _iteration(loop, x, opt, loop.axes[i])
+    for grid_axes in stage_grids(loop.axes):
+        _iteration(loop, x, opt, grid_axes)
     loop.axes = None
     return x
 
 
 def _iteration(loop: _Loop, x: torch.Tensor, opt: torch.optim.Optimizer,
-               axes: torch.Tensor) -> None:
+               grid_axes: tuple[torch.Tensor, torch.Tensor]) -> None:
     """One step: augment, teacher ``step mod K`` (FADRM+ round-robin), CE + BN loss,
     Adam, clamp x to valid pixels."""
     cfg = loop.cfg
     for group in opt.param_groups:
         group["lr"] = cosine_lr(cfg.lr, loop.step, loop.total)
     k = loop.step % len(loop.nets)
-    view = to_layout(sample_axes(x, axes), cfg.channels_last)
+    view = to_layout(sample_grid(x, *grid_axes), cfg.channels_last)
     with autocast(loop.device, cfg.spec.mixed_precision, loop.precision):
         logits = loop.nets[k](view)
     groups = len(loop.generators)
@@ -452,7 +305,7 @@ def _iteration(loop: _Loop, x: torch.Tensor, opt: torch.optim.Optimizer,
     loop.scaler.update()
     with torch.no_grad():
         x.clamp_(*loop.bounds)
-    loop.log[loop.step] = loss.detach()
+        loop.log[loop.step] = loss
     loop.step += 1
     if loop.step % _PROGRESS_EVERY == 0 or loop.step == loop.total:
         _check_finite(loop.log, loop.checked, loop.step)

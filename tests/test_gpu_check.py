@@ -139,3 +139,33 @@ def test_figures_carry_the_fp16_and_grouped_variants(tmp_path):
     assert f["precision"] == "bf16"
     table = summary_table(report)
     assert "with fp16 + GradScaler" in table and "stored batch 16 as 2 micro-batches" in table
+
+
+@pytest.mark.parametrize("method, teachers", [("fadrm", 1), ("fadrm+", 2)])
+def test_old_recover_loop_gives_todays_bytes_on_the_cpu_with_a_host_read_per_step(
+        method, teachers):
+    # The speed part's "before" (benchmarks/gpu/legacy.py) must be the same optimisation as
+    # today's loop, only run the old way: on the CPU (bf16, no scaler, torch's single-tensor
+    # Adam) the same images bit for bit, and the old Adam's step read every iteration.
+    import torch
+
+    from benchmarks.gpu.legacy import legacy_recover
+    from benchmarks.host_syncs import OpCounter
+    from fadrm.config import RecoverConfig
+    from fadrm.models import create_model
+    from fadrm.synthesis import recover
+
+    torch.manual_seed(0)
+    nets = [create_model("convnet", 10, in_chans=1, image_size=28) for _ in range(teachers)]
+    cfg = RecoverConfig(method=method, resolutions=[28, 24], stage_iterations=[6, 4],
+                        lr=0.05, jitter=4, crop_scale=[0.5, 1.0])
+    init = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels, cpu = torch.arange(10), torch.device("cpu")
+    today = recover(init, labels, nets, cfg, [0.3], [0.35], 28, seed=4, device=cpu)
+    old = OpCounter()
+    with old:
+        images = legacy_recover(init, labels, nets, cfg, [0.3], [0.35], 28, seed=4, device=cpu)
+    assert torch.equal(images, today.images)
+    assert not torch.equal(images, init)
+    # torch.optim.Adam reads its step count once per iteration; the finiteness check once.
+    assert old.ops["aten._local_scalar_dense"] == 10 + 1

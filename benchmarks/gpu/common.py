@@ -12,7 +12,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PRESET = "imagenet1k-fadrm"
+PRESET_PLUS = "imagenet1k-fadrm-plus"
+"""FADRM+ at the same setting: four teachers used round-robin, one per iteration."""
 PAPER_S_PER_IMAGE = 0.47
+PAPER_PLUS_S_PER_IMAGE = 1.09
+"""The paper's FADRM+ recover time on one RTX 4090 (its four ImageNet teachers)."""
+MATMUL_DTYPE = "bfloat16"
+"""The dtype of the ``torch.mm`` peak the fractions refer to: the loops' default precision."""
 PAPER_GPU = "RTX 4090"
 BLOCKED_MODULES = ("ray", "boto3", "botocore", "kubernetes", "moto")
 REQUIRED_MODULES = ("torch", "torchvision", "timm", "pyarrow", "yaml", "numpy", "PIL", "tqdm",
@@ -31,8 +37,11 @@ class Sizes:
     recover_batch: int | None = None
     """None: the preset's recover.class_block_size (100 images, one per class)."""
     recover_budget_s: float = 45.0
+    recover_plus_budget_s: float = 30.0
+    recover_resolution: int | None = None
+    """None: the presets' resolutions (224 px, MRO 200/224); else every stage at this size
+    (the rehearsal on a CPU, where 224 px recover takes seconds per iteration)."""
     matmul_sizes: tuple[int, ...] = (4096, 8192)
-    matmul_dtype: str = "float16"
     relabel_images: int = 400
     relabel_budget_s: float = 15.0
     student_images: int = 400
@@ -41,7 +50,8 @@ class Sizes:
 
 GPU_SIZES = Sizes()
 REHEARSAL_SIZES = Sizes(pipeline_per_class=6, recover_batch=4, recover_budget_s=8.0,
-                        matmul_sizes=(256, 512), matmul_dtype="bfloat16", relabel_images=16,
+                        recover_plus_budget_s=6.0, recover_resolution=32,
+                        matmul_sizes=(256, 512), relabel_images=16,
                         relabel_budget_s=4.0, student_images=16, student_budget_s=4.0)
 
 

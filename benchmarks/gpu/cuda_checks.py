@@ -102,7 +102,8 @@ def check_bn_stats_match_cpu(device: str = "cuda") -> None:
     a float64 ``var_mean`` of the same values (rtol 1e-4; its custom backward within 1e-4 of
     float64 autograd, 5e-3 of the largest gradient for fp16); then, in a ResNet-18, the mean
     and variance every BN hook captures and every ``BNStatLoss`` term, device vs CPU in
-    strict fp32 (rtol 1e-4, atol 1e-5).
+    strict fp32 (rtol 1e-4, atol 1e-5); and with two problems per batch (groups 2), the
+    terms (same tolerance) and their input gradient (rtol 1e-3, atol 1e-4 of the largest).
     """
     from fadrm.synthesis import BNStatLoss, channel_stats
 
@@ -166,6 +167,26 @@ def check_bn_stats_match_cpu(device: str = "cuda") -> None:
                      atol=1e-5)
     assert_close(f"BNStatLoss terms on {dev} vs CPU", torch.stack(terms),
                  torch.stack(ref_terms), rtol=1e-4, atol=1e-5)
+
+    def grouped(on: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two problems in one batch (recover.ipc_per_forward 2): each half's terms, and the
+        input gradient of their sum (one statistics call per layer for both halves)."""
+        model = copy.deepcopy(teacher).to(on, memory_format=torch.channels_last).eval()
+        model.requires_grad_(False)
+        x = images.to(on).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        with BNStatLoss(model, groups=2) as bn:
+            model(x)
+            loss = bn.loss()
+        loss.sum().backward()
+        return loss.detach().cpu(), x.grad.cpu()
+
+    with strict_fp32():
+        ref_loss, ref_grad = grouped(CPU)
+        loss, grad = grouped(dev)
+    assert_close(f"grouped BNStatLoss terms on {dev} vs CPU", loss, ref_loss, rtol=1e-4,
+                 atol=1e-5)
+    assert_close(f"grouped BNStatLoss input gradient on {dev} vs CPU", grad, ref_grad,
+                 rtol=1e-3, atol=1e-4 * float(ref_grad.abs().max()))
 
 
 def check_relabel_deterministic(device: str = "cuda") -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import json_safe as _clean
-from benchmarks.gpu.common import PAPER_GPU, PAPER_S_PER_IMAGE
+from benchmarks.gpu.common import PAPER_GPU, PAPER_PLUS_S_PER_IMAGE, PAPER_S_PER_IMAGE
 
-SCHEMA = "fadrm-gpu-check/1"
+SCHEMA = "fadrm-gpu-check/2"
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 
 log = logging.getLogger("gpu_check")
@@ -133,19 +133,28 @@ def summary_table(report: Report) -> str:
                   f"recover s/image (preset, extrapolated)  "
                   f"{_fmt(f.get('recover_s_per_image'))}   ({precision}; paper: "
                   f"{PAPER_S_PER_IMAGE} s on one {PAPER_GPU})",
-                  f"  with fp16 + GradScaler                "
+                  f"  the loop before issue 23              "
+                  f"{_fmt(f.get('recover_s_per_image_old_path'))}   (fp16 + GradScaler, "
+                  f"eager, host reads every step)",
+                  f"  today's loop with fp16 + GradScaler   "
                   f"{_fmt(f.get('recover_s_per_image_fp16_scaler'))}",
                   f"  with 2 IPC indices per forward        "
                   f"{_fmt(f.get('recover_s_per_image_ipc_per_forward_2'))}",
                   f"recover peak GPU memory, MiB            "
                   f"{_fmt(f.get('recover_peak_gpu_mib'), '.0f')}",
-                  f"recover TFLOP/s, of the mm peak         {_fmt(f.get('recover_tflops'))}, "
-                  f"{_fmt(f.get('recover_fraction_of_fp16_peak'), '.1%')}",
-                  f"torch.mm peak TFLOP/s                   "
+                  f"recover TFLOP/s, of the bf16 mm peak    {_fmt(f.get('recover_tflops'))}, "
+                  f"{_fmt(f.get('recover_fraction_of_bf16_peak'), '.1%')}",
+                  f"FADRM+ recover s/image (4 teachers)     "
+                  f"{_fmt(f.get('recover_plus_s_per_image'))}   ({precision}; paper: "
+                  f"{PAPER_PLUS_S_PER_IMAGE} s on one {PAPER_GPU})",
+                  f"FADRM+ TFLOP/s, of the bf16 mm peak     "
+                  f"{_fmt(f.get('recover_plus_tflops'))}, "
+                  f"{_fmt(f.get('recover_plus_fraction_of_bf16_peak'), '.1%')}",
+                  f"torch.mm peak TFLOP/s (bf16)            "
                   f"{_fmt(f.get('matmul_peak_tflops'))}",
                   f"relabel images/s                        "
                   f"{_fmt(f.get('relabel_images_per_s'))}",
-                  f"  with fp16 + GradScaler                "
+                  f"  today's code with fp16 + GradScaler   "
                   f"{_fmt(f.get('relabel_images_per_s_fp16_scaler'))}",
                   f"  with 8 stored batches per forward     "
                   f"{_fmt(f.get('relabel_images_per_s_batches_per_forward_8'))}",
@@ -153,7 +162,7 @@ def summary_table(report: Report) -> str:
                   f"{_fmt(f.get('student_images_per_s'))}   ({at})",
                   f"student ms per step                     "
                   f"{_fmt(f.get('student_ms_per_step'))}",
-                  f"  with fp16 + GradScaler                "
+                  f"  today's code with fp16 + GradScaler   "
                   f"{_fmt(f.get('student_ms_per_step_fp16_scaler'))}",
                   f"whole pipeline on the device, s         "
                   f"{_fmt(f.get('pipeline_seconds'), '.1f')}"]
@@ -187,8 +196,8 @@ def summary_json(report: Report) -> dict:
     })
 
 
-_MEASURED = ("recover_s_per_image", "matmul_peak_tflops", "relabel_images_per_s",
-             "student_images_per_s", "pipeline_seconds")
+_MEASURED = ("recover_s_per_image", "recover_plus_s_per_image", "matmul_peak_tflops",
+             "relabel_images_per_s", "student_images_per_s", "pipeline_seconds")
 
 
 def figures(report: Report) -> dict:
@@ -198,6 +207,7 @@ def figures(report: Report) -> dict:
         return part.get("result") or {}
 
     rec, mm = result("speed.recover"), result("speed.matmul_peak")
+    plus = result("speed.recover_plus")
     rel, stu = result("speed.relabel"), result("speed.student")
 
     def variant(part: dict, name: str, key: str):
@@ -210,14 +220,16 @@ def figures(report: Report) -> dict:
         "recover_vs_paper": rec.get("vs_paper"),
         "recover_peak_gpu_mib": rec.get("peak_gpu_mib"),
         "recover_tflops": rec.get("achieved_tflops"),
-        "recover_fraction_of_fp16_peak": rec.get("fraction_of_fp16_peak"),
+        "recover_fraction_of_bf16_peak": rec.get("fraction_of_bf16_peak"),
         "matmul_peak_tflops": mm.get("peak_tflops"),
+        "matmul_peak_dtype": mm.get("dtype"),
         "relabel_images_per_s": rel.get("images_per_s"),
         "student_images_per_s": stu.get("images_per_s"),
         "pipeline_seconds": result("pipeline.local_executor").get("seconds"),
         # Issue 23: the default precision (bf16) beside the paper's fp16 + GradScaler, and
         # more images per forward.
         "precision": rec.get("precision"),
+        "recover_s_per_image_old_path": variant(rec, "old_path", "seconds_per_image"),
         "recover_s_per_image_fp16_scaler": variant(rec, "fp16_scaler", "seconds_per_image"),
         "recover_s_per_image_ipc_per_forward_2": variant(rec, "ipc_per_forward_2",
                                                          "seconds_per_image"),
@@ -226,4 +238,10 @@ def figures(report: Report) -> dict:
                                                               "images_per_s"),
         "student_ms_per_step": stu.get("ms_per_step"),
         "student_ms_per_step_fp16_scaler": variant(stu, "fp16_scaler", "ms_per_step"),
+        # FADRM+ (four teachers round-robin), at the default precision.
+        "recover_plus_s_per_image": plus.get("seconds_per_image"),
+        "paper_recover_plus_s_per_image": PAPER_PLUS_S_PER_IMAGE,
+        "recover_plus_vs_paper": plus.get("vs_paper"),
+        "recover_plus_tflops": plus.get("achieved_tflops"),
+        "recover_plus_fraction_of_bf16_peak": plus.get("fraction_of_bf16_peak"),
     }
