@@ -234,8 +234,8 @@ class StudentConfig:
     the cluster."""
     lr_scaling: str = "linear"
     """How the data-parallel student scales ``lr`` with K = ``batches_per_step``: ``linear``
-    (lr x K: the same lr summed over an epoch's steps; measured within a point of the
-    paper's step at K = 2 and 4 on Fashion-MNIST and CIFAR-10, where sqrt lost up to 2) or
+    (lr x K: the same lr summed over an epoch's steps; at K = 4 on Fashion-MNIST it
+    measured 2.2 points above sqrt, see benchmarks/README.md) or
     ``sqrt`` (lr x sqrt(K), the square-root rule for Adam-type optimisers, the safer one
     for large K: AdamW at 1e-3 x 256 is rarely stable)."""
     warmup_epochs: int | None = None
