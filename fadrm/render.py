@@ -74,6 +74,10 @@ class EpochViews:
     def rows(self, b: int) -> slice:
         return self.slices[b]
 
+    def size(self, b: int) -> int:
+        """Rows (views) of batch ``b``."""
+        return self.slices[b].stop - self.slices[b].start
+
     def render(self, b: int) -> torch.Tensor:
         """Normalised fp32 views of batch ``b`` ``[B, C, out, out]`` on the device."""
         s = self.slices[b]

@@ -314,7 +314,7 @@ def _set_up(model, images, cfg, mean, std, num_classes, device, seed,
 
 def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dict:
     """One epoch: one optimiser step per ``batches_per_step`` stored batches, each at its
-    learning rate (:func:`step_lr`: set once per epoch unless warming up)."""
+    learning rate (:func:`step_lr`: it changes once per epoch unless warming up)."""
     cfg = run.cfg
     labels = LabelRows.read(table, epoch, run.num_classes)
     batches = EpochViews(labels.views, run.images, run.mean, run.std, run.images.shape[2],
@@ -328,7 +328,6 @@ def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dic
         targets = labels.targets()
     targets = to_device(targets, run.device)
     groups = step_groups(len(batches), cfg.batches_per_step)
-    ramp = cfg.warmup(num_epochs) * len(groups)
     run.net.train()
     loss_total = torch.zeros((), dtype=torch.float64, device=run.device)
     # Micro-batch losses of each step on this rank (read for finiteness now and then).
@@ -337,8 +336,9 @@ def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dic
     checked = 0
     lr = float("nan")
     for s, group in enumerate(groups):
-        if s == 0 or run.steps < ramp:
-            lr = step_lr(cfg, epoch, num_epochs, run.steps, len(groups))
+        step = step_lr(cfg, epoch, num_epochs, run.steps, len(groups))
+        if step != lr:  # the epoch's first step, and each step of the warm-up
+            lr = step
             for param_group in run.optimizer.param_groups:
                 param_group["lr"] = lr
         loss_total += _train_step(run, batches, targets, labels.hard, group, checks[s])
@@ -375,15 +375,11 @@ def _step_work(run: _Run, batches: EpochViews, group: range) -> list[tuple[int, 
     micro-batches r, r + W, ... of the one stored batch; data-parallel: every micro-batch
     of stored batches r, r + W, ... of the step."""
     acc = run.cfg.accumulation_steps
-
-    def size(b: int) -> int:
-        rows = batches.rows(b)
-        return rows.stop - rows.start
-
     if not run.cfg.data_parallel:
         b = group.start
-        return [(b, p) for p in micro_batches(size(b), acc)[run.rank::run.world]]
-    return [(b, p) for b in group[run.rank::run.world] for p in micro_batches(size(b), acc)]
+        return [(b, p) for p in micro_batches(batches.size(b), acc)[run.rank::run.world]]
+    return [(b, p) for b in group[run.rank::run.world]
+            for p in micro_batches(batches.size(b), acc)]
 
 
 def _train_step(run: _Run, batches: EpochViews, targets: torch.Tensor, hard: bool,
@@ -401,7 +397,7 @@ def _train_step(run: _Run, batches: EpochViews, targets: torch.Tensor, hard: boo
     micro-batch is a slice of it: the same pixels as rendering the micro-batch alone.
     ``checks[k]`` receives the rank's k-th micro-batch loss sum.
     """
-    full = sum(batches.rows(b).stop - batches.rows(b).start for b in group)
+    full = sum(batches.size(b) for b in group)
     work = _step_work(run, batches, group)
     weights = [1.0] * len(work)
     if not work:
