@@ -21,8 +21,9 @@ still split into the same micro-batches), rank r of W takes whole stored batches
 :func:`scaled_lr` over the warm-up epochs, under the same per-epoch cosine. The step's
 gradient is the mean over its K stored batches whatever W is; K = 1 is the paper's step, op
 for op. Its ranks keep their own BatchNorm running statistics (no broadcast from rank 0),
-averaged over the ranks before each evaluation, so that they stand for every stored batch
-as one rank's do.
+at a momentum that gives each rank's average one rank's horizon in steps
+(:func:`_rank_bn_momentum`), averaged over the ranks before each evaluation, so that they
+stand for every stored batch as one rank's do.
 
 Hard-label rows (``relabel.label_mode: hard``, the hard-label baseline) replace the KL by
 the cross-entropy to ``lam * onehot(y) + (1 - lam) * onehot(y_partner)`` of each stored
@@ -304,12 +305,26 @@ def _set_up(model, images, cfg, mean, std, num_classes, device, seed,
     # The data-parallel student's ranks see different stored batches: each keeps its own
     # BatchNorm statistics, averaged before every evaluation (see _evaluate_sharded).
     net = wrap_ddp(model, device, world, broadcast_buffers=not cfg.data_parallel)
+    if cfg.data_parallel and world > 1:
+        _rank_bn_momentum(model, world)
     # AdamW with the step count off the device's critical path (fused on CUDA).
     optimizer = adam(param_groups(model, cfg.weight_decay), device, cfg.lr, decoupled=True)
     scaler = grad_scaler(device, cfg.mixed_precision, precision)
     # The uint8 images stay on the device for the whole run (views render there).
     return _Run(model, net, optimizer, scaler, images.to(device), cfg, mean, std,
                 num_classes, device, rank, world, precision)
+
+
+def _rank_bn_momentum(model: nn.Module, world: int) -> None:
+    """Each of the data-parallel student's W ranks folds only every W-th stored batch into
+    its BatchNorm running statistics, so with the same momentum ``m`` its average would
+    reach W times as many optimiser steps back as one rank's (weights that have moved on
+    since). ``1 - (1 - m) ** W`` per update gives each rank one rank's horizon in steps;
+    their average at evaluation then has W times its samples. A cumulative average
+    (``momentum=None``) is left as it is."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
+            module.momentum = 1.0 - (1.0 - module.momentum) ** world
 
 
 def _train_epoch(run: _Run, table: pa.Table, epoch: int, num_epochs: int) -> dict:
