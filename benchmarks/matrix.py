@@ -8,7 +8,9 @@ IPC10) runs once, locally. Then the evaluate stage of a 2-model x 2-seed matrix 
 ``ray_jobs.executor.RayTrainExecutor`` on an embedded Ray instance with 1 worker (the four
 units one after another), and again, from nothing, with 2 workers (1 thread each).
 ``wall_ratio`` is the evaluate stage's seconds with 2 workers over those with 1 (target
-<= 0.6). Each unit's student weights are then compared, byte for byte, with a run whose
+<= 0.6). ``unit_slowdown_2_workers``: the units' summed training seconds with 2 workers over
+those with 1 (two units training side by side share the machine); ``wall_ratio_bound``: half
+of it, the ratio that no scheduling can beat on this machine. Each unit's student weights are then compared, byte for byte, with a run whose
 student is that one (model, seed) alone (``identical_to_alone``) and across the two worker
 counts (``identical_across_workers``).
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         # The distilled set (and one student) once, in this process.
         run_pipeline(load_config("demo", base), LocalExecutor("cpu"), show_progress=False)
-        seconds, weights = {}, {}
+        seconds, weights, unit_seconds = {}, {}, {}
         for workers in (1, 2):
             cfg = load_config("demo", [*base, *matrix, f"execution.min_workers={workers}",
                                        f"execution.max_workers={workers}"])
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
             seconds[workers] = metrics["stage_seconds"]["evaluate"]
             units = plan.evaluate.unit_metrics()
             weights[workers] = {u: _sha(plan.evaluate.weights_uri(u)) for u in units}
+            unit_seconds[workers] = round(sum(m["student_train_seconds"]
+                                              for m in units.values()), 2)
             workers_seen = sorted({m["worker"] for m in units.values()})
             print(f"[{NAME}] {workers} worker(s): evaluate {seconds[workers]:.1f} s, units on "
                   f"{len(workers_seen)} worker(s)", flush=True)
@@ -92,6 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
             "quick": args.quick, "models": MODELS, "seeds": SEEDS,
             "evaluate_seconds": {str(k): v for k, v in seconds.items()},
             "wall_ratio": round(seconds[2] / seconds[1], 3),
+            # The units' own training seconds, summed: with 2 workers they train side by
+            # side, and each is slower by what two busy cores cost this machine.
+            "unit_train_seconds": {str(k): v for k, v in unit_seconds.items()},
+            "unit_slowdown_2_workers": round(unit_seconds[2] / unit_seconds[1], 3),
+            # The wall ratio with no fixed cost and perfect balance, at that slowdown.
+            "wall_ratio_bound": round(unit_seconds[2] / unit_seconds[1] / 2, 3),
             "identical_across_workers": weights[1] == weights[2],
             "identical_to_alone": weights[2] == alone,
             "targets": TARGETS, "machine": common.machine_info(),
