@@ -22,6 +22,7 @@ import atexit
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def abandon(runner: threading.Thread, bound: float = SHUTDOWN_S) -> None:
     started and that are still there. Never raises: the caller is on its way out with an
     exception of its own (the Ctrl-C)."""
     started = ray_processes()  # before the shutdown: afterwards the tree is broken up
+    _forget_ray_excepthook()
     closer = threading.Thread(target=_shutdown, name="fadrm-ray-shutdown", daemon=True)
     closer.start()
     closer.join(bound)
@@ -54,6 +56,15 @@ def abandon(runner: threading.Thread, bound: float = SHUTDOWN_S) -> None:
         log.warning("Ray's shutdown did not finish within %.0f s; its processes were killed",
                     bound + AFTER_KILL_S)
     runner.join(RUNNER_S)
+
+
+def _forget_ray_excepthook() -> None:
+    """Put back Python's own ``sys.excepthook``. Ray's (set when ``ray`` is imported) first
+    reports an uncaught exception to the GCS, which waits without end once the GCS is gone:
+    seen when the driver's stderr reader had gone (a BrokenPipeError escaping ``main``), the
+    process hung in that hook for minutes after its Ray instance was down."""
+    if getattr(sys.excepthook, "__module__", "").startswith("ray."):
+        sys.excepthook = sys.__excepthook__
 
 
 def _shutdown() -> None:

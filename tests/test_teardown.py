@@ -33,6 +33,7 @@ def test_a_hanging_shutdown_is_cut_short_and_ray_processes_are_killed(monkeypatc
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     release = threading.Event()
     monkeypatch.setattr(ray, "shutdown", lambda: release.wait(60))
+    monkeypatch.setattr(sys, "excepthook", ray._private.worker.custom_excepthook)
     runner = threading.Thread(target=release.wait, args=(60,), daemon=True)
     runner.start()
     try:
@@ -52,6 +53,7 @@ def test_a_hanging_shutdown_is_cut_short_and_ray_processes_are_killed(monkeypatc
         assert not _alive(worker), "the worker below the Ray program survived"
         assert other.poll() is None, "a child that is not Ray's was killed"
         assert "did not finish within" in caplog.text
+        assert sys.excepthook is sys.__excepthook__  # Ray's would wait on the dead GCS
     finally:
         release.set()
         for proc in (fake_ray, other):
