@@ -49,6 +49,7 @@ from fadrm.formats.shards import ShardCorruptError
 from fadrm.progress import StageProgress
 from fadrm.stages import Stage, WorkerContext
 from ray_jobs.queue import QueueState, UnitQueue
+from ray_jobs.teardown import abandon
 
 log = logging.getLogger("ray_jobs.executor")
 
@@ -433,7 +434,7 @@ class RayTrainExecutor:
                         f"({_ask(num_workers, resources)}); add nodes or raise that limit")
         except BaseException:
             progress.close()
-            _abandon(runner)
+            abandon(runner)  # bounded: Ray's processes are killed if its shutdown lingers
             raise
         runner.join()
         progress.close()
@@ -478,13 +479,3 @@ def _waiting_line(label: str, num_workers, resources: dict, waited: float) -> st
     return (f"{label}: waiting {waited / 60:.0f} min for workers: {_ask(num_workers, resources)}, "
             f"{have} available now; the autoscaler may be adding nodes "
             f"(execution.resource_wait_s bounds the wait)")
-
-
-def _abandon(runner: threading.Thread) -> None:
-    """Stop a stage whose driver is leaving (Ctrl-C, a wait that ran out): disconnecting
-    the driver ends its job, and with it Ray Train's controller and workers; units already
-    written stay in storage, so the same command resumes."""
-    try:
-        ray.shutdown()
-    finally:
-        runner.join(10)
