@@ -126,8 +126,8 @@ def test_ctrl_c_stops_a_run_within_seconds(tmp_path, fmnist_root):
     start = time.monotonic()
     rest, _ = proc.communicate(timeout=60)
     # ~3 s on 2 idle or busy cores; the way out is bounded (ray_jobs.teardown: ~7 s even
-    # with the raylet and GCS frozen), so 15 s leaves room for a loaded machine.
-    assert time.monotonic() - start < 15
+    # with the raylet and GCS frozen), so 25 s leaves room for a loaded CI machine.
+    assert time.monotonic() - start < 25
     assert proc.returncode == 130, "".join(seen) + rest
     assert "interrupted: finished units are kept; run the same command again to resume" in rest
     assert "Traceback" not in rest
