@@ -10,9 +10,9 @@ units one after another), and again, from nothing, with 2 workers (1 thread each
 ``wall_ratio`` is the evaluate stage's seconds with 2 workers over those with 1 (target
 <= 0.6). ``unit_slowdown_2_workers``: the units' summed training seconds with 2 workers over
 those with 1 (two units training side by side share the machine); ``wall_ratio_bound``: half
-of it, the ratio that no scheduling can beat on this machine. Each unit's student weights are then compared, byte for byte, with a run whose
-student is that one (model, seed) alone (``identical_to_alone``) and across the two worker
-counts (``identical_across_workers``).
+of it, the ratio that no scheduling can beat on this machine. Each unit's student weights
+are then compared, byte for byte, with a run whose student is that one (model, seed) alone
+(``identical_to_alone``) and across the two worker counts (``identical_across_workers``).
 
 Writes benchmarks/results/matrix.json.
 """

@@ -52,9 +52,9 @@ def polled_allreduce(state, bucket):  # unannotated: DDP checks the hook's annot
     the bucket by W, then sum it over the ranks: the same ops, so the same bytes), but
     waited for by polling with ``sched_yield`` instead of sleeping. A rank that sleeps on
     the result gives its core back, and waking it again costs about a millisecond on a
-    virtual machine: for a student whose step computes in ~7 ms that was 40 % of the step
-    (``benchmarks/results/student_scaling.json``). NCCL needs no hook (its all-reduce
-    never blocks the host)."""
+    virtual machine: a pair of ConvNet ranks stepping every few ms took 12.0-12.5 ms a step
+    with DDP's default and 8.4-9.6 ms with this hook (benchmarks/README.md, session 10).
+    NCCL needs no hook (its all-reduce never blocks the host)."""
     tensor = bucket.buffer().div_(dist.get_world_size())
     work = dist.all_reduce(tensor, async_op=True)
     while not work.is_completed():
