@@ -87,11 +87,19 @@ def ray_processes(parent: int | None = None) -> dict[int, int]:
     parent = os.getpid() if parent is None else parent
     roots = {pid for pid, (ppid, _) in table.items()
              if ppid == parent and home in _cmdline(pid)}
-    found, frontier = set(roots), roots
+    return {pid: table[pid][1] for pid in roots | descendants(roots, table)}
+
+
+def descendants(roots: set[int], table: dict[int, tuple[int, int]] | None = None) -> set[int]:
+    """Every process below ``roots`` in ``table`` (:func:`_process_table`, read now by
+    default), the roots themselves not included."""
+    table = _process_table() if table is None else table
+    found: set[int] = set()
+    frontier = set(roots)
     while frontier:
         frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - found
         found |= frontier
-    return {pid: table[pid][1] for pid in found}
+    return found
 
 
 def kill(processes: dict[int, int]) -> None:

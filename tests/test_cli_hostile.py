@@ -296,26 +296,15 @@ def test_sigterm_mid_stage_stops_like_ctrl_c_and_the_rerun_resumes(tmp_path):
 
 def _descendants(pid: int) -> set[int]:
     """The processes below ``pid`` (from /proc), e.g. an embedded Ray's raylet and workers."""
-    parent: dict[int, int] = {}
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_file.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(stat_file.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier} - found
-        found |= frontier
-    return found
+    from ray_jobs.teardown import descendants
+
+    return descendants({pid})
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    from ray_jobs.teardown import _process_table_entry
+
+    return _process_table_entry(pid) is not None  # None: gone, or a zombie
 
 
 @pytest.mark.slow
